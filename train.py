@@ -54,6 +54,8 @@ flags.DEFINE_integer("sample_every_epochs", 1, "Sample-grid interval in epochs."
 flags.DEFINE_integer("num_samples", 64, "Images in each sample grid.")
 flags.DEFINE_integer("sample_steps", 50, "DDIM steps for the sample grids.")
 flags.DEFINE_integer("validation_images", 0, "Held-out images for val_loss each epoch (0 = none).")
+flags.DEFINE_integer("swd_every_epochs", 0, "Log the SWD of EMA samples vs validation images every N epochs and keep best_ema.weights.h5 (0 = off).")
+flags.DEFINE_integer("swd_images", 512, "Samples and validation images per SWD measurement.")
 flags.DEFINE_boolean("export", True, "Export <output_dir>/savedmodel/1 at the end.")
 flags.DEFINE_boolean("traceback", False, "Show the full traceback on errors.")
 
@@ -107,6 +109,8 @@ def configs_from_flags():
         num_samples=FLAGS.num_samples,
         sample_steps=FLAGS.sample_steps,
         validation_images=FLAGS.validation_images,
+        swd_every_epochs=FLAGS.swd_every_epochs,
+        swd_images=FLAGS.swd_images,
         export=FLAGS.export,
     )
     return model_config, train_config

@@ -1,5 +1,6 @@
-"""Keras callbacks of a training run: progress fields, checkpoints, sample grids, loss curve, NaN guard."""
+"""Keras callbacks of a training run: progress fields, checkpoints, sample grids, loss curve, NaN guard, SWD."""
 
+import json
 import math
 import pathlib
 
@@ -8,6 +9,8 @@ import numpy as np
 import tensorflow as tf
 
 from keras_ddpm import plots
+from keras_ddpm.generation import generate_in_batches
+from keras_ddpm.metrics import sliced_wasserstein_distance
 
 
 class TrainingDiverged(RuntimeError):
@@ -136,3 +139,89 @@ class LossCurve(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         plots.plot_loss_curve(self.csv_path, self.png_path)
+
+
+class SWDMonitor(keras.callbacks.Callback):
+    """Tracks the sliced Wasserstein distance of EMA samples to real images and keeps the best EMA weights.
+
+    At the end of the first epoch of every `fit()` and then every `every_epochs` epochs, draws
+    `len(real_images)` images with the EMA network from fixed seeds (the same images each time, up to the
+    training), computes `sliced_wasserstein_distance(samples, real_images)["swd_mean"]` (x 1e3, lower is
+    better) and puts it into the epoch's logs as `swd`. When it is the lowest so far, the EMA weights are
+    saved to `best_weights_path` and the score, epoch and step to the `.json` beside it, which a resumed run
+    reads back so that it keeps its best.
+
+    Place it before `CSVLogger` and `TensorBoard` in the callback list: Keras hands one logs dict to the
+    callbacks in list order, so only the callbacks after this one see `swd`. The first epoch is always
+    measured because `CSVLogger` fixes its columns at its first row; epochs that are not measured show `NA`.
+
+    Args:
+        real_images: uint8 [M, H, W, C], e.g. `load_images(dataset, "validation", size, M)`; at least
+            16 pixels on a side (SWD's coarsest level).
+        every_epochs: measurement interval in epochs.
+        best_weights_path: where the best EMA weights go (a `.weights.h5` file), or None to keep none.
+        sampler, steps: how to sample (few DDIM steps: SWD compares local patch statistics, which settle early).
+        batch_size: images per sampling batch.
+        seed: sample i uses seed `seed + i`; also seeds the SWD's patches and projections.
+    """
+
+    def __init__(self, real_images, every_epochs: int = 1, best_weights_path=None, sampler="ddim", steps=25,
+                 batch_size: int = 64, seed: int = 0):
+        super().__init__()
+        real_images = np.asarray(real_images)
+        if real_images.dtype != np.uint8 or real_images.ndim != 4 or min(real_images.shape[1:3]) < 16:
+            raise ValueError(
+                f"SWDMonitor needs uint8 real images [M, H, W, C] of at least 16x16 pixels, got "
+                f"{real_images.dtype} {real_images.shape}."
+            )
+        if every_epochs < 1:
+            raise ValueError(f"every_epochs must be at least 1, got {every_epochs}.")
+        self.real_images = real_images
+        self.every_epochs = every_epochs
+        self.best_weights_path = pathlib.Path(best_weights_path) if best_weights_path else None
+        self.sampler = sampler
+        self.steps = steps
+        self.batch_size = batch_size
+        self.seed = seed
+        self.best = math.inf
+        self._first_epoch = None
+
+    @property
+    def best_record_path(self) -> pathlib.Path | None:
+        if self.best_weights_path is None:
+            return None
+        return self.best_weights_path.with_name(self.best_weights_path.name.removesuffix(".weights.h5") + ".json")
+
+    def on_train_begin(self, logs=None):
+        self._first_epoch = None
+        if self.best_record_path is not None and self.best_record_path.exists():
+            self.best = json.loads(self.best_record_path.read_text())["swd"]
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._first_epoch is None:
+            self._first_epoch = epoch
+        if epoch != self._first_epoch and (epoch + 1) % self.every_epochs:
+            return
+        num_images = len(self.real_images)
+        labels = np.arange(num_images) % self.model.num_classes if self.model.num_classes else None
+        samples = generate_in_batches(self.model, num_images, self.batch_size, self.seed, verbose=False,
+                                      sampler=self.sampler, steps=self.steps, labels=labels)
+        swd = sliced_wasserstein_distance(samples, self.real_images, seed=self.seed)["swd_mean"]
+        if logs is not None:
+            logs["swd"] = swd
+        if swd < self.best:
+            self.best = swd
+            self._save_best(epoch, swd)
+
+    def _save_best(self, epoch: int, swd: float):
+        """Write the EMA weights, then their record; each file is replaced atomically."""
+        if self.best_weights_path is None:
+            return
+        self.best_weights_path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.best_weights_path.with_name("partial." + self.best_weights_path.name)
+        self.model.ema_network.save_weights(partial)
+        partial.replace(self.best_weights_path)
+        record = {"swd": swd, "epoch": epoch + 1, "step": int(self.model.optimizer.iterations)}
+        partial_record = self.best_record_path.with_name(self.best_record_path.name + ".partial")
+        partial_record.write_text(json.dumps(record) + "\n")
+        partial_record.replace(self.best_record_path)

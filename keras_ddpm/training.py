@@ -7,6 +7,7 @@ Layout of a run directory:
     log.csv              per-epoch loss, step, images seen, learning rate (appended across restarts)
     loss.png             the loss curve, redrawn every epoch
     samples/step_*.png   sample grids from fixed seeds
+    best_ema.weights.h5  EMA weights with the lowest SWD so far, and best_ema.json (with --swd_every_epochs)
     tensorboard/         scalars and sample images
     savedmodel/1/        the exported EMA model (written when training finishes)
 
@@ -26,7 +27,7 @@ import tensorflow as tf
 from keras_ddpm import callbacks as run_callbacks
 from keras_ddpm import plots
 from keras_ddpm.config import ModelConfig, read_json, write_json
-from keras_ddpm.data import make_dataset
+from keras_ddpm.data import load_images, make_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ class TrainConfig:
     num_samples: int = 64
     sample_steps: int = 50
     validation_images: int = 0
+    swd_every_epochs: int = 0
+    swd_images: int = 512
     export: bool = True
     verbose: int | str = "auto"
 
@@ -187,10 +190,19 @@ def train(model_config: ModelConfig, train_config: TrainConfig, output_dir):
 
     total_epochs = math.ceil(cfg.train_steps / cfg.steps_per_epoch)
     guard = run_callbacks.NaNGuard()
+    swd_monitor = []
+    if cfg.swd_every_epochs:
+        real_images = load_images(cfg.dataset, "validation", model_config.image_size, cfg.swd_images,
+                                  data_dir=cfg.data_dir, crop=cfg.crop, channels=model_config.channels)
+        swd_monitor = [run_callbacks.SWDMonitor(
+            real_images, cfg.swd_every_epochs, output_dir / "best_ema.weights.h5", steps=cfg.sample_steps,
+            batch_size=cfg.batch_size, seed=cfg.seed,
+        )]
     callbacks = [
         run_callbacks.RunProgress(cfg.steps_per_epoch, cfg.batch_size),
         guard,
         run_callbacks.Checkpoint(manager, epochs_done),
+        *swd_monitor,  # before CSVLogger and TensorBoard, which log its `swd`
         keras.callbacks.CSVLogger(str(output_dir / "log.csv"), append=True),
         run_callbacks.LossCurve(output_dir / "log.csv", output_dir / "loss.png"),
         keras.callbacks.TensorBoard(str(output_dir / "tensorboard"), write_graph=False),

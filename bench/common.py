@@ -1,0 +1,46 @@
+"""Helpers shared by the benchmark scripts: the recipe models, timing and peak memory.
+
+The recipes' flagfiles are read through train.py's own flag definitions and `configs_from_flags()`, so a
+benchmark builds exactly the model that `python train.py --flagfile=...` trains.
+"""
+
+import pathlib
+import resource
+import statistics
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout, installed or not
+
+RECIPES = {
+    "cpu": REPO / "flags" / "celeba32_cpu.flags",  # 32x32, 2.2M parameters, float32 + XLA
+    "gpu_recipe": REPO / "celeba.flags",  # 64x64, 35.7M parameters (DDPM's CelebA-HQ-like U-Net)
+}
+
+
+def recipe_configs(name: str):
+    """(ModelConfig, TrainConfig) of the recipe `name` ("cpu" or "gpu_recipe"), parsed as train.py parses it."""
+    if name not in RECIPES:
+        raise ValueError(f"Unknown recipe {name!r}; choose one of {sorted(RECIPES)}.")
+    import train  # train.py at the top of the repository; defining its flags has no other side effect
+
+    # Back to the defaults first: absl keeps the values of an earlier parse for flags a flagfile leaves out.
+    train.FLAGS.unparse_flags()
+    train.FLAGS(["train.py", f"--flagfile={RECIPES[name]}"])
+    return train.configs_from_flags()
+
+
+def median_seconds(function, repeats: int) -> float:
+    """Median wall time of `repeats` calls of `function()` (robust to a stray slow call on a shared machine)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far, in MiB (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

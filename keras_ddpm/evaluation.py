@@ -1,0 +1,337 @@
+"""Evaluate a trained model: SWD, FID and KID of its samples against held-out real images, and the NLL bound.
+
+`evaluate()` is what `python evaluate.py` runs:
+
+>>> results = evaluate("runs/celeba64", metrics=("swd", "nll"), num_images=2000)
+>>> print(format_table(results))
+
+The model is a training run directory or a SavedModel folder (`keras_ddpm.generation.load_generator`). The
+real images are the first images of the dataset's held-out split, cropped and resized like the training data
+(`keras_ddpm.data.load_images`). Samples are drawn from the seeds `seed, seed + 1, ...` (image i is the same
+whatever the batch size), or taken from an `.npz` written by `sample.py --save_npz`.
+
+A metric that cannot run, such as FID and KID without the InceptionV3 weights, is reported as failed with the
+reason, and the other metrics are still computed; bad arguments and missing data raise before any work starts.
+"""
+
+import contextlib
+import datetime
+import os
+import pathlib
+import time
+from typing import Callable
+
+import numpy as np
+import tensorflow as tf
+
+from keras_ddpm import __version__, samplers
+from keras_ddpm import metrics as metric_functions
+from keras_ddpm.config import read_json
+from keras_ddpm.data import load_images
+from keras_ddpm.generation import generate_in_batches, load_generator
+from keras_ddpm.model import DiffusionModel
+
+METRICS = ("swd", "fid", "kid", "nll")
+DEFAULT_METRICS = ("swd", "nll")  # the two that need no downloaded weights
+SAMPLE_METRICS = ("swd", "fid", "kid")
+# What a metric may fail with and still let the others run: missing weights or files, unusable inputs.
+METRIC_FAILURES = (RuntimeError, OSError, ValueError)
+
+
+def parse_metrics(names) -> tuple[str, ...]:
+    """Metric names from a list or a comma-separated string, checked, duplicates dropped, order kept."""
+    if isinstance(names, str):
+        names = names.split(",")
+    names = tuple(dict.fromkeys(name.strip().lower() for name in names if name.strip()))
+    unknown = [name for name in names if name not in METRICS]
+    if unknown or not names:
+        raise ValueError(f"Unknown or no metrics {unknown or list(names)}; choose from {', '.join(METRICS)}.")
+    return names
+
+
+def model_defaults(path) -> dict:
+    """`dataset`, `data_dir` and `crop` a model was trained with, from a run's config.json or a SavedModel's metadata.
+
+    Reads JSON only (no model is loaded); returns what it finds, an empty dict for anything else.
+    """
+    from keras_ddpm.export import NotOurSavedModelError, find_version_dir, read_metadata
+
+    path = pathlib.Path(path)
+    if (path / "config.json").is_file():
+        train_config = read_json(path / "config.json").get("train", {})
+        return {key: train_config.get(key) for key in ("dataset", "data_dir", "crop")}
+    try:
+        return {"dataset": read_metadata(find_version_dir(path)).get("dataset")}
+    except (FileNotFoundError, NotOurSavedModelError):
+        return {}
+
+
+def default_output_path(model_path=None) -> pathlib.Path:
+    """Where the JSON goes by default: `<run>/evaluation.json`, next to a SavedModel folder, else `evaluation.json`."""
+    if model_path is None:
+        return pathlib.Path("evaluation.json")
+    path = pathlib.Path(model_path)
+    if (path / "config.json").is_file():
+        return path / "evaluation.json"
+    export_folder = path.parent if path.name.isdigit() else path  # a version folder such as savedmodel/1
+    return export_folder.parent / "evaluation.json"
+
+
+def load_samples_npz(path) -> np.ndarray:
+    """The uint8 images [N, H, W, C] stored under the key `images` by `sample.py --save_npz`."""
+    try:
+        with np.load(path) as stored:
+            if "images" not in stored:
+                raise ValueError(f"{path} has no 'images' array (found {sorted(stored.files)}); write it with "
+                                 f"sample.py --save_npz.")
+            images = stored["images"]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"No samples file {path}; write one with sample.py --save_npz={path}.") from None
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(f"{path}: 'images' must be uint8 [N, H, W, C], got {images.dtype} {images.shape}.")
+    return images
+
+
+def network_predictor(generator) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
+    """`predict(x_t, t)` -> the raw network output of a `DiffusionModel` (EMA weights) or SavedModel generator.
+
+    Conditional models are asked with the null label, so the NLL is that of the unconditional model p(x).
+    """
+    null_label = generator.num_classes
+    if isinstance(generator, DiffusionModel):
+        network = generator.ema_network
+
+        def predict(x_t, t):
+            labels = [tf.fill(tf.shape(t), null_label)] if null_label else []
+            return network([x_t, t, *labels], training=False)
+
+        return predict
+    denoise = generator.loaded.signatures["denoise"]
+
+    def predict(x_t, t):
+        labels = {"label": tf.fill(tf.shape(t), tf.constant(null_label, tf.int32))} if null_label else {}
+        return denoise(x_t=x_t, t=t, **labels)["prediction"]
+
+    return predict
+
+
+def _inception_cache_key(dataset, split, crop, data_dir, real_images, weights) -> str:
+    """Everything the real images' Inception features depend on (see `metrics.cached_real_statistics`)."""
+    source = data_dir or os.environ.get("CELEBA_DIR") or "default"
+    if weights not in (None, "imagenet"):
+        weights = f"{pathlib.Path(weights).name}-{os.path.getsize(weights)}"
+    height, width, channels = real_images.shape[1:]
+    return f"{dataset}_{split}_{crop}_{height}x{width}x{channels}_{len(real_images)}_{source}_{weights}"
+
+
+def evaluate(
+    model=None,
+    *,
+    samples: np.ndarray | None = None,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    split: str = "validation",
+    crop: str | None = None,
+    metrics=DEFAULT_METRICS,
+    num_images: int = 2000,
+    sampler: str | None = None,
+    steps: int | None = None,
+    eta: float = 0.0,
+    seed: int = 0,
+    batch_size: int = 64,
+    inception_weights: str | None = "imagenet",
+    stats_cache: str | None = None,
+    nll_images: int = 256,
+    nll_draws: int = metric_functions.NLL_TIMESTEP_DRAWS,
+    verbose: bool = True,
+) -> dict:
+    """Compute sample-quality metrics and the NLL bound of a model; returns a JSON-serialisable dict.
+
+    Args:
+        model: a run directory or SavedModel folder (path), an object from `load_generator`, a
+            `DiffusionModel`, or None when `samples` are given and NLL is not asked for.
+        samples: uint8 [N, H, W, C] images made earlier (e.g. `load_samples_npz`); the first `num_images`
+            are used. Default: draw `num_images` samples from the model.
+        dataset, data_dir, crop: the real images; default: what the model was trained on (run config or
+            SavedModel metadata), else CelebA with the `celeba64` crop from `CELEBA_DIR`.
+        split: the held-out split the real images come from.
+        metrics: names from `METRICS` (a list or "swd,nll").
+        num_images: samples and real images for SWD, FID and KID.
+        sampler, steps, eta: how samples are drawn; default: the SavedModel's own sampler (DDIM for a run
+            directory) and its default step count.
+        seed: sample i uses seed `seed + i`; also seeds the SWD projections and the NLL's draws.
+        batch_size: images per sampling, Inception and NLL batch.
+        inception_weights: "imagenet" (downloaded by Keras) or the path of the InceptionV3 notop `.h5`.
+        stats_cache: folder caching the real images' Inception features, or None.
+        nll_images: real images scored by the NLL bound (it costs `nll_draws + 1` network calls per image).
+        nll_draws: timesteps drawn per image (see `keras_ddpm.metrics.variational_bound`).
+        verbose: progress bars.
+
+    Returns:
+        `{"model", "dataset", "split", "image_shape", "samples": {how they were made}, "real_images",
+        "metrics": {name: {key: value}}, "failed": {name: reason}, "seconds": {step: time}, ...}`.
+    """
+    names = parse_metrics(metrics)
+    for argument, value in {"num_images": num_images, "batch_size": batch_size, "nll_images": nll_images,
+                            "nll_draws": nll_draws}.items():
+        if value < 1:
+            raise ValueError(f"{argument} must be at least 1, got {value}.")
+    sample_metrics = [name for name in names if name in SAMPLE_METRICS]
+    model_path = model if isinstance(model, (str, os.PathLike)) else None
+    needs_model = "nll" in names or (bool(sample_metrics) and samples is None)
+    if needs_model and model is None:
+        raise ValueError("Pass a model (a run directory or SavedModel folder): NLL and drawing samples need one.")
+    defaults = model_defaults(model_path) if model_path is not None else dict(getattr(model, "metadata", None) or {})
+    generator = load_generator(model_path) if needs_model and model_path is not None else model
+    dataset = dataset or defaults.get("dataset") or "celeba"
+    data_dir = data_dir or defaults.get("data_dir")
+    crop = crop or defaults.get("crop") or "celeba64"
+    image_shape = tuple(generator.image_shape) if needs_model else tuple(samples.shape[1:])
+    if samples is not None:
+        samples = np.asarray(samples)[:num_images]
+        if tuple(samples.shape[1:]) != image_shape:
+            raise ValueError(f"The samples are {samples.shape[1:]} images but the model makes {image_shape} ones.")
+
+    seconds, failed = {}, {}
+    results = {
+        "model": str(model_path) if model_path is not None else None,
+        "dataset": dataset, "split": split, "crop": crop, "data_dir": data_dir, "image_shape": list(image_shape),
+        "metrics": {}, "failed": failed, "seconds": seconds,
+        "keras_ddpm_version": __version__,
+        "evaluated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    with _timed(seconds, "real_images"):
+        count = max(num_images if sample_metrics else 0, nll_images if "nll" in names else 0)
+        real_images = load_images(dataset, split, image_shape[0], count, data_dir=data_dir, crop=crop,
+                                  channels=image_shape[2])
+    if tuple(real_images.shape[1:]) != image_shape:
+        raise ValueError(f"{dataset} gives {real_images.shape[1:]} images but the model makes {image_shape} ones.")
+    results["real_images"] = len(real_images[:num_images]) if sample_metrics else 0
+
+    if sample_metrics:
+        if samples is None:
+            with _timed(seconds, "sampling"):
+                samples, results["samples"] = _draw_samples(generator, num_images, sampler, steps, eta, seed,
+                                                            batch_size, verbose)
+        else:
+            results["samples"] = {"source": "given", "num_images": len(samples)}
+        _sample_metrics(results, sample_metrics, samples, real_images[:num_images], seed, batch_size,
+                        inception_weights, stats_cache, (dataset, split, crop, data_dir), verbose)
+
+    if "nll" in names:
+        _say(verbose, f"NLL bound on {len(real_images[:nll_images])} real images ({nll_draws + 1} network calls each)")
+        with _timed(seconds, "nll"), _failures_recorded(failed, "nll"):
+            results["metrics"]["nll"] = metric_functions.nll_bits_per_dim(
+                network_predictor(generator), generator.schedule, generator.objective, real_images[:nll_images],
+                num_timestep_draws=nll_draws, batch_size=batch_size, seed=seed, verbose=verbose,
+            )
+    results["metrics"] = {name: results["metrics"][name] for name in names if name in results["metrics"]}
+    return results
+
+
+def _draw_samples(generator, num_images, sampler, steps, eta, seed, batch_size, verbose):
+    """`num_images` samples from seeds `seed, seed + 1, ...` (classes in turn for a conditional model), and how."""
+    sampler = sampler or (getattr(generator, "metadata", None) or {}).get("sampler") or "ddim"
+    steps = steps or samplers.default_steps(sampler, generator.schedule.num_timesteps)
+    labels = np.arange(num_images) % generator.num_classes if generator.num_classes else None
+    _say(verbose, f"Sampling {num_images} images ({sampler}, {steps} steps)")
+    samples = generate_in_batches(generator, num_images, batch_size, seed, verbose, sampler=sampler, steps=steps,
+                                  eta=eta, labels=labels)
+    made = {"source": "generated", "num_images": len(samples), "sampler": sampler, "steps": steps, "eta": eta,
+            "seeds": [seed, seed + num_images - 1]}
+    return samples, made
+
+
+def _sample_metrics(results, names, samples, real_images, seed, batch_size, inception_weights, stats_cache,
+                    real_description, verbose):
+    """SWD, FID and KID of `samples` against `real_images`, into `results`."""
+    seconds, failed = results["seconds"], results["failed"]
+    if "swd" in names:
+        with _timed(seconds, "swd"), _failures_recorded(failed, "swd"):
+            results["metrics"]["swd"] = metric_functions.sliced_wasserstein_distance(samples, real_images, seed=seed)
+    inception_metrics = [name for name in names if name in ("fid", "kid")]
+    if not inception_metrics:
+        return
+    with _timed(seconds, "inception"), _failures_recorded(failed, *inception_metrics):
+        inception = metric_functions.load_inception(inception_weights)
+
+        _say(verbose, "InceptionV3 features of the real images, then of the samples")
+
+        def real_features():
+            return metric_functions.inception_features(real_images, inception, batch_size, verbose)
+
+        if stats_cache:
+            key = _inception_cache_key(*real_description, real_images, inception_weights)
+            real = metric_functions.cached_real_statistics(stats_cache, key, real_features)
+        else:
+            features = real_features()
+            real = metric_functions.RealStatistics(features, *metric_functions.feature_statistics(features))
+        sample_features = metric_functions.inception_features(samples, inception, batch_size, verbose)
+        if "fid" in inception_metrics:
+            sample_statistics = metric_functions.feature_statistics(sample_features)
+            fid = metric_functions.frechet_distance(*sample_statistics, real.mu, real.sigma)
+            results["metrics"]["fid"] = {"fid": fid}
+        if "kid" in inception_metrics:
+            kid, kid_std = metric_functions.kid_from_features(sample_features, real.features, seed=seed)
+            results["metrics"]["kid"] = {"kid": kid, "kid_std": kid_std}
+
+
+def _say(verbose: bool, message: str):
+    """A heading for the progress bar that follows."""
+    if verbose:
+        print(message, flush=True)
+
+
+@contextlib.contextmanager
+def _failures_recorded(failed: dict, *names: str):
+    """Turn a METRIC_FAILURES exception into `failed[name] = reason` for each of `names`, and carry on."""
+    try:
+        yield
+    except METRIC_FAILURES as error:
+        for name in names:
+            failed[name] = str(error).strip()
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict, name: str):
+    """Record the wall-clock seconds of the block as `seconds[name]`."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[name] = round(time.perf_counter() - start, 2)
+
+
+def format_table(results: dict) -> str:
+    """A plain-text table of `evaluate()`'s results, one metric value per row."""
+    height, width, channels = results["image_shape"]
+    lines = [f"Model {results['model'] or '(samples only)'} on {results['dataset']} {results['split']} "
+             f"({height}x{width}x{channels})"]
+    made = results.get("samples")
+    if made:
+        how = (f"drawn with {made['sampler']}, {made['steps']} steps, eta {made['eta']}, seeds {made['seeds'][0]}.."
+               f"{made['seeds'][1]}" if made["source"] == "generated" else f"from {made['source']}")
+        lines.append(f"  {made['num_images']} samples ({how}) vs {results['real_images']} real images")
+    rows = []
+    found = results["metrics"]
+    if "swd" in found:
+        rows += [(f"SWD x1e3, {key[4:]}px level" if key != "swd_mean" else "SWD x1e3, mean", f"{value:.2f}")
+                 for key, value in found["swd"].items()]
+    if "fid" in found:
+        rows.append(("FID", f"{found['fid']['fid']:.2f}"))
+    if "kid" in found:
+        rows.append(("KID", f"{found['kid']['kid']:.5f} +- {found['kid']['kid_std']:.5f}"))
+    if "nll" in found:
+        nll = found["nll"]
+        rows.append(("NLL bound, bits/dim", f"{nll['bpd']:.3f} +- {nll['stderr']:.3f} ({nll['num_images']} images, "
+                                            f"{nll['num_timestep_draws']} timestep draws)"))
+        rows += [(f"  {part} term", f"{nll[f'{part}_bpd']:.3f}") for part in ("prior", "diffusion", "decoder")]
+    reasons = {}  # FID and KID usually fail for the same reason: say it once
+    for name, reason in results["failed"].items():
+        reasons.setdefault(reason, []).append(name.upper())
+    rows += [(", ".join(names), f"FAILED: {reason}") for reason, names in reasons.items()]
+    label_width = max([len(label) for label, _ in rows] + [6])
+    lines.append(f"{'metric':<{label_width}}  value")
+    for label, value in rows:  # a long failure reason continues on indented lines
+        lines.append(f"{label:<{label_width}}  " + value.replace("\n", "\n" + " " * (label_width + 2)))
+    return "\n".join(lines)

@@ -1,0 +1,190 @@
+"""evaluate() and evaluate.py on a tiny model trained a few steps on synthetic shapes; the SWDMonitor callback.
+
+One model is trained once per module, with SWDMonitor and CSVLogger in its `fit()`, then saved both as a run
+directory and as a SavedModel. The command-line runs start as subprocesses right after that and run while
+the in-process tests do; the tests reading their results come last.
+"""
+
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from keras_ddpm import callbacks, evaluation
+from keras_ddpm.config import ModelConfig
+from keras_ddpm.data import load_images, make_dataset
+from keras_ddpm.export import export_savedmodel
+from keras_ddpm.training import TrainConfig, prepare_run_directory, restore_checkpoint
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = ModelConfig(image_size=16, channels=3, width=8, channel_multipliers=(1,), num_res_blocks=1,
+                   attention_resolutions=(), bottleneck_attention=False, norm_groups=4, num_timesteps=50, dropout=0.0)
+FAST = dict(num_images=16, nll_images=4, nll_draws=4, steps=3, batch_size=16, verbose=False)
+CLI_FAST = ["--num_images=16", "--nll_images=4", "--nll_draws=4", "--steps=3", "--batch_size=16"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Three one-step epochs with SWD measured at epochs 1 and 2 (the first, then every 2nd); the run saved twice."""
+    folder = tmp_path_factory.mktemp("evaluate")
+    keras.utils.set_random_seed(0)
+    model = TINY.build()
+    # Eager steps: tracing the train step would cost more than these three steps.
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), run_eagerly=True)
+    monitor = callbacks.SWDMonitor(load_images("synthetic", "validation", 16, 16), every_epochs=2,
+                                   best_weights_path=folder / "best_ema.weights.h5", steps=3, batch_size=16)
+    csv_logger = keras.callbacks.CSVLogger(str(folder / "log.csv"))
+    model.fit(make_dataset("synthetic", "train", 16, 8), epochs=3, steps_per_epoch=1, verbose=0, shuffle=False,
+              callbacks=[monitor, csv_logger])
+    run_dir = folder / "run"
+    prepare_run_directory(run_dir, TINY, TrainConfig(dataset="synthetic"))
+    manager, _ = restore_checkpoint(run_dir, model)
+    manager.save()
+    export_savedmodel(model, folder / "savedmodel", steps=3, metadata={"dataset": "synthetic"})
+    return model, monitor, folder
+
+
+@pytest.fixture(scope="module")
+def cli_runs(trained):
+    """evaluate.py on the SavedModel (default JSON path), and with a bad --metrics; started now, read later."""
+    _, _, folder = trained
+    commands = {
+        "savedmodel": [f"--model={folder / 'savedmodel'}", "--metrics=swd,nll", *CLI_FAST],
+        "bad_metric": [f"--model={folder / 'savedmodel'}", "--metrics=swd,bogus"],
+    }
+    processes = {
+        name: subprocess.Popen([sys.executable, str(REPO / "evaluate.py"), *arguments], cwd=folder,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for name, arguments in commands.items()
+    }
+    return processes, folder
+
+
+def finished(process):
+    stdout, stderr = process.communicate(timeout=120)
+    return process.returncode, stdout, stderr
+
+
+# -- SWDMonitor ------------------------------------------------------------------------------------------
+
+
+def test_swd_monitor_logs_to_csv_and_keeps_the_best_ema_weights(trained, cli_runs):  # cli_runs: start them early
+    model, monitor, folder = trained
+    rows = (folder / "log.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    swd_column = [row.split(",")[header.index("swd")] for row in rows[1:]]
+    assert swd_column[2] == "NA"  # epoch 3 is not measured
+    measured = [float(value) for value in swd_column[:2]]
+    assert all(math.isfinite(value) and value > 0 for value in measured)
+    record = json.loads((folder / "best_ema.json").read_text())
+    assert record["swd"] == min(measured) == monitor.best
+    assert record["epoch"] == 1 + measured.index(min(measured))
+    assert record["step"] == record["epoch"]  # one step per epoch
+    restored = keras.models.clone_model(model.ema_network)
+    restored.load_weights(folder / "best_ema.weights.h5")
+    assert all(np.all(np.isfinite(weights)) for weights in restored.get_weights())
+
+
+def test_swd_monitor_resumes_with_its_best_score(trained):
+    _, monitor, folder = trained
+    resumed = callbacks.SWDMonitor(monitor.real_images, best_weights_path=folder / "best_ema.weights.h5")
+    resumed.on_train_begin()
+    assert resumed.best == monitor.best
+
+
+def test_swd_monitor_rejects_images_too_small_for_swd():
+    with pytest.raises(ValueError, match="at least 16x16"):
+        callbacks.SWDMonitor(np.zeros((4, 8, 8, 3), np.uint8))
+
+
+# -- evaluate() -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run_results(trained):
+    _, _, folder = trained
+    return evaluation.evaluate(str(folder / "run"), metrics="swd,nll", **FAST)
+
+
+def test_evaluate_run_directory(run_results):
+    results = run_results
+    assert results["dataset"] == "synthetic"  # read from the run's config.json
+    assert results["failed"] == {}
+    assert list(results["metrics"]) == ["swd", "nll"]
+    assert set(results["metrics"]["swd"]) == {"swd_16", "swd_mean"}
+    assert results["metrics"]["swd"]["swd_mean"] > 0
+    nll = results["metrics"]["nll"]
+    assert nll["num_images"] == 4 and nll["num_timestep_draws"] == 4
+    assert 0 < nll["bpd"] < 100 and nll["stderr"] > 0
+    assert nll["bpd"] == pytest.approx(nll["prior_bpd"] + nll["diffusion_bpd"] + nll["decoder_bpd"])
+    assert results["samples"] == {"source": "generated", "num_images": 16, "sampler": "ddim", "steps": 3,
+                                  "eta": 0.0, "seeds": [0, 15]}
+    json.dumps(results)  # what evaluate.py writes
+    table = evaluation.format_table(results)
+    assert "NLL bound, bits/dim" in table and "SWD x1e3, mean" in table
+
+
+def test_missing_inception_weights_fail_fid_and_kid_only(trained):
+    model, _, folder = trained
+    samples = model.generate(16, steps=3)
+    results = evaluation.evaluate(
+        None, samples=samples, dataset="synthetic", metrics=["kid", "swd", "fid"], num_images=16,
+        inception_weights=str(folder / "missing.h5"), verbose=False,
+    )
+    assert set(results["failed"]) == {"fid", "kid"}
+    assert "missing.h5" in results["failed"]["fid"] and "--inception_weights" in results["failed"]["kid"]
+    assert list(results["metrics"]) == ["swd"]
+    assert results["samples"] == {"source": "given", "num_images": 16}  # evaluate.py puts the .npz path here
+    assert "FAILED" in evaluation.format_table(results)
+
+
+def test_samples_must_match_the_model(trained, tmp_path):
+    model, _, _ = trained
+    with pytest.raises(ValueError, match="samples are"):
+        evaluation.evaluate(model, samples=np.zeros((4, 32, 32, 3), np.uint8), dataset="synthetic", metrics="swd,nll")
+    np.savez(tmp_path / "wrong.npz", pictures=np.zeros((2, 16, 16, 3), np.uint8))
+    with pytest.raises(ValueError, match="no 'images' array"):
+        evaluation.load_samples_npz(tmp_path / "wrong.npz")
+
+
+@pytest.mark.parametrize("names", ["swd,psnr", "", ["fid", "inception"]])
+def test_unknown_metrics_are_refused(names):
+    with pytest.raises(ValueError, match="choose from swd, fid, kid, nll"):
+        evaluation.parse_metrics(names)
+
+
+def test_default_output_path(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    assert evaluation.default_output_path(tmp_path / "run") == tmp_path / "run" / "evaluation.json"
+    assert evaluation.default_output_path(tmp_path / "x" / "savedmodel") == tmp_path / "x" / "evaluation.json"
+    assert evaluation.default_output_path(tmp_path / "x" / "savedmodel" / "3") == tmp_path / "x" / "evaluation.json"
+    assert evaluation.default_output_path(None) == pathlib.Path("evaluation.json")
+
+
+# -- evaluate.py ----------------------------------------------------------------------------------------
+
+
+def test_cli_on_the_savedmodel_matches_the_run_directory(cli_runs, run_results):
+    processes, folder = cli_runs
+    status, stdout, stderr = finished(processes["savedmodel"])
+    assert status == 0, stderr
+    assert "NLL bound, bits/dim" in stdout
+    written = json.loads((folder / "evaluation.json").read_text())  # next to the SavedModel folder
+    assert written["failed"] == {} and written["dataset"] == "synthetic"
+    # Same weights, seeds and draws through the SavedModel's signatures: the same numbers.
+    for metric in ("swd", "nll"):
+        assert written["metrics"][metric] == pytest.approx(run_results["metrics"][metric], rel=1e-4)
+
+
+def test_cli_bad_metric_exits_with_status_1(cli_runs):
+    processes, _ = cli_runs
+    status, stdout, stderr = finished(processes["bad_metric"])
+    assert status == 1
+    assert "evaluate.py: error: Unknown or no metrics ['bogus']; choose from swd, fid, kid, nll" in stderr
+    assert "Traceback" not in stderr
