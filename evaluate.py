@@ -1,7 +1,8 @@
 """Measure a model: `python evaluate.py --data_dir=../shared/data/celeba` prints SWD and the NLL bound of `savedmodel/`.
 
 `--metrics=swd,kid,fid,nll` adds FID and KID (they need the InceptionV3 ImageNet weights: internet, or
-`--inception_weights=path.h5`). `--model` also takes a training run directory; `--samples_npz` scores images
+`--inception_weights=path.h5`); `nn` is the memorisation check (distance of samples to their nearest training
+images next to that of held-out faces; `--nn_png` shows them). `--model` also takes a training run directory; `--samples_npz` scores images
 written earlier by `sample.py --save_npz` instead of drawing new ones. The results are printed as a table and
 written as JSON (`--output_json`, default next to the model). A metric that cannot run is reported as failed
 and the others are still computed; the exit status is then 1, as it is for bad flags or missing data.
@@ -16,7 +17,7 @@ from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "savedmodel", "A SavedModel folder (highest version is used) or a training run directory.")
-flags.DEFINE_list("metrics", ["swd", "nll"], "Metrics to compute: swd, fid, kid, nll (fid and kid need InceptionV3 weights).")
+flags.DEFINE_list("metrics", ["swd", "nll"], "Metrics to compute: swd, fid, kid, nll, nn (nearest training images; fid and kid need InceptionV3 weights).")
 # Real images
 flags.DEFINE_enum("dataset", None, ["celeba", "celeba_tfds", "fashion_mnist", "cifar10", "synthetic"], "Real images; default: the model's training dataset, else celeba.")
 flags.DEFINE_string("data_dir", None, "CelebA image folder (or its parent; default: the run's, else CELEBA_DIR); TFDS data dir.")
@@ -36,6 +37,8 @@ flags.DEFINE_string("stats_cache", None, "Folder caching the real images' Incept
 flags.DEFINE_integer("nll_images", 256, "Real images scored by the NLL bound (each costs nll_draws + 1 network calls).")
 flags.DEFINE_integer("nll_draws", 50, "Timesteps drawn per image for the NLL bound (stratified over t).")
 # Output
+flags.DEFINE_string("nn_png", None, "With --metrics=...,nn: write 16 samples beside their nearest training images here.")
+flags.DEFINE_integer("nn_train_images", 20000, "Training images the nn metric searches (the first N of the train split).")
 flags.DEFINE_string("output_json", None, "Where to write the results; default: <run>/evaluation.json or next to the SavedModel.")
 flags.DEFINE_boolean("traceback", False, "Show the full traceback on errors.")
 
@@ -62,7 +65,8 @@ def main(argv):
             model, samples=samples, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, split=FLAGS.split,
             crop=FLAGS.crop, metrics=metrics, num_images=FLAGS.num_images, sampler=FLAGS.sampler, steps=FLAGS.steps,
             eta=FLAGS.eta, seed=FLAGS.seed, batch_size=FLAGS.batch_size, inception_weights=FLAGS.inception_weights,
-            stats_cache=FLAGS.stats_cache, nll_images=FLAGS.nll_images, nll_draws=FLAGS.nll_draws,
+            stats_cache=FLAGS.stats_cache, nll_images=FLAGS.nll_images, nll_draws=FLAGS.nll_draws, nn_png=FLAGS.nn_png,
+            nn_train_images=FLAGS.nn_train_images,
         )
         if FLAGS.samples_npz:
             results["samples"]["source"] = FLAGS.samples_npz

@@ -31,9 +31,9 @@ from keras_ddpm.data import load_images
 from keras_ddpm.generation import generate_in_batches, load_generator
 from keras_ddpm.model import DiffusionModel
 
-METRICS = ("swd", "fid", "kid", "nll")
+METRICS = ("swd", "fid", "kid", "nll", "nn")
 DEFAULT_METRICS = ("swd", "nll")  # the two that need no downloaded weights
-SAMPLE_METRICS = ("swd", "fid", "kid")
+SAMPLE_METRICS = ("swd", "fid", "kid", "nn")
 # What a metric may fail with and still let the others run: missing weights or files, unusable inputs.
 METRIC_FAILURES = (RuntimeError, OSError, ValueError)
 
@@ -115,6 +115,69 @@ def network_predictor(generator) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
     return predict
 
 
+def nearest_neighbours(queries: np.ndarray, references: np.ndarray, chunk_size: int = 4096
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """For each query image, the index of and the RMS pixel distance to its closest reference image.
+
+    The memorisation check: a sample whose nearest training image is (almost) itself is a copy. Distances
+    are Euclidean over all pixel values in [0, 255], divided by sqrt(H W C) so they read as an RMS error.
+
+    Args:
+        queries, references: uint8 [N, H, W, C] and [M, H, W, C] of the same image shape.
+        chunk_size: reference images compared at once.
+
+    Returns:
+        `(indices int64 [N], distances float64 [N])`.
+    """
+    queries, references = np.asarray(queries), np.asarray(references)
+    if queries.shape[1:] != references.shape[1:] or queries.ndim != 4:
+        raise ValueError(f"queries {queries.shape} and references {references.shape} must be [N, H, W, C] "
+                         f"images of one shape.")
+    flat_queries = queries.reshape(len(queries), -1).astype(np.float64)
+    indices = np.zeros(len(queries), np.int64)
+    closest = np.full(len(queries), np.inf)
+    for start in range(0, len(references), chunk_size):  # bounded memory for large training sets
+        chunk = references[start : start + chunk_size].reshape(-1, flat_queries.shape[1]).astype(np.float64)
+        # |q - r|^2 = |q|^2 - 2 q.r + |r|^2: one matrix product instead of N x M image differences.
+        squared = (np.square(flat_queries).sum(1)[:, None] - 2.0 * flat_queries @ chunk.T
+                   + np.square(chunk).sum(1)[None, :])
+        best = squared.argmin(axis=1)
+        best_squared = squared[np.arange(len(queries)), best]
+        better = best_squared < closest
+        indices[better], closest[better] = start + best[better], best_squared[better]
+    return indices, np.sqrt(np.maximum(closest, 0.0) / flat_queries.shape[1])
+
+
+def memorisation_check(samples, train_images, held_out_images, figure_path=None, num_shown: int = 16) -> dict:
+    """Distances of samples to their nearest training images, next to those of held-out real images.
+
+    A model that copies its training set puts samples much closer to a training image than unseen real
+    faces are; one that generalises puts them about as far. The figure (if asked) shows the first
+    `num_shown` samples in rows of 8, each row followed by the nearest training images.
+
+    Returns:
+        `{"sample_rms_median", "sample_rms_min", "held_out_rms_median", "held_out_rms_min", "num_samples",
+        "num_held_out", "num_train_images"}`: RMS pixel distances on the 0-255 scale.
+    """
+    indices, sample_distances = nearest_neighbours(samples, train_images)
+    _, held_out_distances = nearest_neighbours(held_out_images, train_images)
+    if figure_path:
+        from keras_ddpm.plots import process_strip, save_png
+
+        shown = min(num_shown, len(samples))
+        rows = []
+        for start in range(0, shown, 8):
+            rows += [samples[start : min(start + 8, shown)], train_images[indices[start : min(start + 8, shown)]]]
+        rows = [row for row in rows if len(row) == len(rows[0])]  # the strip needs equal rows
+        save_png(figure_path, process_strip(rows))
+    return {
+        "sample_rms_median": float(np.median(sample_distances)), "sample_rms_min": float(sample_distances.min()),
+        "held_out_rms_median": float(np.median(held_out_distances)),
+        "held_out_rms_min": float(held_out_distances.min()),
+        "num_samples": len(samples), "num_held_out": len(held_out_images), "num_train_images": len(train_images),
+    }
+
+
 def _inception_cache_key(dataset, split, crop, data_dir, real_images, weights) -> str:
     """Everything the real images' Inception features depend on (see `metrics.cached_real_statistics`)."""
     source = data_dir or os.environ.get("CELEBA_DIR") or "default"
@@ -143,6 +206,8 @@ def evaluate(
     stats_cache: str | None = None,
     nll_images: int = 256,
     nll_draws: int = metric_functions.NLL_TIMESTEP_DRAWS,
+    nn_png: str | None = None,
+    nn_train_images: int = 20_000,
     verbose: bool = True,
 ) -> dict:
     """Compute sample-quality metrics and the NLL bound of a model; returns a JSON-serialisable dict.
@@ -165,6 +230,8 @@ def evaluate(
         stats_cache: folder caching the real images' Inception features, or None.
         nll_images: real images scored by the NLL bound (it costs `nll_draws + 1` network calls per image).
         nll_draws: timesteps drawn per image (see `keras_ddpm.metrics.variational_bound`).
+        nn_png: with the `nn` metric, also write this figure: samples beside their nearest training images.
+        nn_train_images: the `nn` metric searches the first this many training images (all of a small set).
         verbose: progress bars.
 
     Returns:
@@ -173,7 +240,7 @@ def evaluate(
     """
     names = parse_metrics(metrics)
     for argument, value in {"num_images": num_images, "batch_size": batch_size, "nll_images": nll_images,
-                            "nll_draws": nll_draws}.items():
+                            "nll_draws": nll_draws, "nn_train_images": nn_train_images}.items():
         if value < 1:
             raise ValueError(f"{argument} must be at least 1, got {value}.")
     sample_metrics = [name for name in names if name in SAMPLE_METRICS]
@@ -217,6 +284,11 @@ def evaluate(
             results["samples"] = {"source": "given", "num_images": len(samples)}
         _sample_metrics(results, sample_metrics, samples, real_images[:num_images], seed, batch_size,
                         inception_weights, stats_cache, (dataset, split, crop, data_dir), verbose)
+    if "nn" in names:
+        with _timed(seconds, "nn"), _failures_recorded(failed, "nn"):
+            train_images = load_images(dataset, "train", image_shape[0], nn_train_images, data_dir=data_dir,
+                                       crop=crop, channels=image_shape[2])
+            results["metrics"]["nn"] = memorisation_check(samples, train_images, real_images[:num_images], nn_png)
 
     if "nll" in names:
         _say(verbose, f"NLL bound on {len(real_images[:nll_images])} real images ({nll_draws + 1} network calls each)")
@@ -321,6 +393,13 @@ def format_table(results: dict) -> str:
         rows.append(("FID", f"{found['fid']['fid']:.2f}"))
     if "kid" in found:
         rows.append(("KID", f"{found['kid']['kid']:.5f} +- {found['kid']['kid_std']:.5f}"))
+    if "nn" in found:
+        nn = found["nn"]
+        rows.append(("NN RMS distance to train, samples", f"median {nn['sample_rms_median']:.1f}, min "
+                                                          f"{nn['sample_rms_min']:.1f} ({nn['num_samples']} samples)"))
+        rows.append(("NN RMS distance to train, held-out", f"median {nn['held_out_rms_median']:.1f}, min "
+                                                           f"{nn['held_out_rms_min']:.1f} ({nn['num_held_out']} real "
+                                                           f"images; {nn['num_train_images']} train images)"))
     if "nll" in found:
         nll = found["nll"]
         rows.append(("NLL bound, bits/dim", f"{nll['bpd']:.3f} +- {nll['stderr']:.3f} ({nll['num_images']} images, "

@@ -152,6 +152,28 @@ def test_samples_must_match_the_model(trained, tmp_path):
         evaluation.load_samples_npz(tmp_path / "wrong.npz")
 
 
+def test_nearest_neighbours_find_copies_across_chunks():
+    references = np.random.default_rng(0).integers(0, 256, (20, 8, 8, 3), dtype=np.uint8)
+    queries = references[[3, 17]].copy()
+    queries[1, 0, 0, 0] ^= 16  # one value off by 16
+    indices, distances = evaluation.nearest_neighbours(queries, references, chunk_size=7)
+    assert list(indices) == [3, 17]
+    assert distances == pytest.approx([0.0, 16 / math.sqrt(8 * 8 * 3)])
+
+
+def test_memorisation_check_on_a_model_and_its_figure(trained, tmp_path):
+    model, _, _ = trained
+    figure = tmp_path / "nearest.png"
+    results = evaluation.evaluate(model, dataset="synthetic", metrics="nn", nn_png=str(figure), nn_train_images=64,
+                                  **FAST)
+    nn = results["metrics"]["nn"]
+    assert (nn["num_samples"], nn["num_held_out"], nn["num_train_images"]) == (16, 16, 64)
+    assert 0 < nn["sample_rms_min"] <= nn["sample_rms_median"] and nn["held_out_rms_median"] > 0
+    strip = keras.utils.load_img(figure)  # 16 samples: rows of 8 samples, each above its 8 nearest images
+    assert strip.size[0] > strip.size[1] > 0
+    assert "NN RMS distance to train, samples" in evaluation.format_table(results)
+
+
 @pytest.mark.parametrize("names", ["swd,psnr", "", ["fid", "inception"]])
 def test_unknown_metrics_are_refused(names):
     with pytest.raises(ValueError, match="choose from swd, fid, kid, nll"):
