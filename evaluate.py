@@ -16,7 +16,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "savedmodel", "A SavedModel folder (highest version is used) or a training run directory.")
+# The model shipped beside this script, so `python path/to/sample.py` works from any folder.
+SHIPPED_MODEL = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "savedmodel"))
+flags.DEFINE_string("model", SHIPPED_MODEL, "A SavedModel folder (highest version is used) or a training run directory.")
 flags.DEFINE_list("metrics", ["swd", "nll"], "Metrics to compute: swd, fid, kid, nll, nn (nearest training images; fid and kid need InceptionV3 weights).")
 # Real images
 flags.DEFINE_enum("dataset", None, ["celeba", "celeba_tfds", "fashion_mnist", "cifar10", "synthetic"], "Real images; default: the model's training dataset, else celeba.")

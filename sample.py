@@ -12,7 +12,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "savedmodel", "A SavedModel folder (highest version is used) or a training run directory.")
+# The model shipped beside this script, so `python path/to/sample.py` works from any folder.
+SHIPPED_MODEL = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "savedmodel"))
+flags.DEFINE_string("model", SHIPPED_MODEL, "A SavedModel folder (highest version is used) or a training run directory.")
 flags.DEFINE_integer("num_images", 64, "How many images.")
 flags.DEFINE_enum("sampler", None, ["ddpm", "ddim", "dpm++"], "Sampler; default: the one the model was exported with.")
 flags.DEFINE_integer("steps", None, "Network evaluations; default 1000 (ddpm), 50 (ddim), 20 (dpm++).")
