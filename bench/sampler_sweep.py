@@ -1,0 +1,102 @@
+"""Sample quality against sampling cost: SWD of one model's samples for several samplers and step counts.
+
+    python bench/sampler_sweep.py --model=savedmodel --data_dir=../shared/data/celeba \
+        --runs ddim:10 ddim:20 ddim:50 ddim:100 dpm++:10 dpm++:20 ddpm:1000 --plot=docs/swd_vs_steps.png
+
+Each run draws `--num_images` samples from the seeds 0, 1, ... (the same starting noise for every run) and
+compares them with as many held-out real faces (the `validation` split). The floor is the SWD of as many
+training faces against the same held-out faces: what a perfect model would score at this image count.
+Prints `key value` lines, one run at a time:
+
+    floor_swd_mean                       real training faces vs the held-out faces
+    <sampler>_<steps>_swd_mean           samples vs the held-out faces (x1e3, lower is better)
+    <sampler>_<steps>_vs_floor           swd_mean / floor_swd_mean
+    <sampler>_<steps>_seconds            sampling time of the run
+    dpm++_20_vs_ddpm_1000                the issue's target: at most 1.10 (when both runs are in the sweep)
+
+`--plot` draws SWD against network evaluations per image, one line per sampler, with the floor.
+"""
+
+import argparse
+import json
+import pathlib
+import time
+
+import common  # noqa: F401  (puts the repository on sys.path)
+
+from keras_ddpm import metrics
+from keras_ddpm.data import load_images
+from keras_ddpm.generation import generate_in_batches, load_generator
+
+
+def parse_run(text: str) -> tuple[str, int]:
+    """"ddim:50" -> ("ddim", 50)."""
+    sampler, _, steps = text.partition(":")
+    if not steps.isdigit():
+        raise argparse.ArgumentTypeError(f"A run is sampler:steps such as ddim:50, got {text!r}.")
+    return sampler, int(steps)
+
+
+def plot_sweep(results: dict, floor: float, path: pathlib.Path):
+    """SWD vs network evaluations per image (log axis), one line per sampler, the real-vs-real floor dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 3.8), dpi=120)
+    for sampler in dict.fromkeys(sampler for sampler, _ in results):
+        points = sorted((steps, swd) for (name, steps), swd in results.items() if name == sampler)
+        axes.plot(*zip(*points), "o-", label=sampler)
+    axes.axhline(floor, color="gray", linestyle="--", label="real vs real (floor)")
+    axes.set_xscale("log")
+    axes.set_xlabel("network evaluations per image")
+    axes.set_ylabel("SWD x1e3 (mean over levels)")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(common.REPO / "savedmodel"), help="SavedModel folder or run directory")
+    parser.add_argument("--data_dir", default=None, help="CelebA folder (default: CELEBA_DIR)")
+    parser.add_argument("--runs", nargs="+", type=parse_run, default=[parse_run("ddim:50"), parse_run("dpm++:20")])
+    parser.add_argument("--num_images", type=int, default=2000)
+    parser.add_argument("--batch_size", type=int, default=250)
+    parser.add_argument("--plot", type=pathlib.Path, default=None, help="PNG of SWD vs steps")
+    parser.add_argument("--json", type=pathlib.Path, default=None, help="write all figures here too")
+    args = parser.parse_args()
+
+    generator = load_generator(args.model)
+    size, channels = generator.image_shape[0], generator.image_shape[2]
+    held_out = load_images("celeba", "validation", size, args.num_images, data_dir=args.data_dir, channels=channels)
+    train = load_images("celeba", "train", size, len(held_out), data_dir=args.data_dir, channels=channels)
+    floor = metrics.sliced_wasserstein_distance(train, held_out)["swd_mean"]
+    print(f"num_images {len(held_out)}\nfloor_swd_mean {floor:.2f}", flush=True)
+
+    results = {}
+    for sampler, steps in args.runs:
+        start = time.perf_counter()
+        samples = generate_in_batches(generator, len(held_out), args.batch_size, seed=0, verbose=False,
+                                      sampler=sampler, steps=steps)
+        seconds = time.perf_counter() - start
+        swd = metrics.sliced_wasserstein_distance(samples, held_out)["swd_mean"]
+        results[sampler, steps] = swd
+        print(f"{sampler}_{steps}_swd_mean {swd:.2f}\n{sampler}_{steps}_vs_floor {swd / floor:.2f}\n"
+              f"{sampler}_{steps}_seconds {seconds:.0f}", flush=True)
+        if args.plot:  # redrawn after every run, so a long sweep shows its progress
+            plot_sweep(results, floor, args.plot)
+    if args.json:
+        args.json.write_text(json.dumps({"model": args.model, "num_images": len(held_out), "floor": floor,
+                                         "runs": [{"sampler": sampler, "steps": steps, "swd_mean": swd}
+                                                  for (sampler, steps), swd in results.items()]}, indent=1) + "\n")
+    if ("dpm++", 20) in results and ("ddpm", 1000) in results:
+        print(f"dpm++_20_vs_ddpm_1000 {results['dpm++', 20] / results['ddpm', 1000]:.3f}")
+
+
+if __name__ == "__main__":
+    main()
