@@ -135,7 +135,8 @@ class DiffusionModel(keras.Model):
             return tf.ones_like(timesteps, tf.float32)
         snr = self.schedule.snr(timesteps)
         clipped_snr = tf.minimum(snr, self.min_snr_gamma)
-        # The epsilon loss is the x0 loss divided by SNR, the v loss the x0 loss divided by SNR + 1.
+        # ||eps - eps_hat||^2 = SNR ||x0 - x0_hat||^2 and ||v - v_hat||^2 = (SNR + 1) ||x0 - x0_hat||^2, so the
+        # x0-space weight min(SNR, gamma) becomes min(SNR, gamma) / SNR or min(SNR, gamma) / (SNR + 1).
         return clipped_snr / snr if self.objective == "epsilon" else clipped_snr / (snr + 1.0)
 
     def train_step(self, data):

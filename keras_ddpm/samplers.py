@@ -79,7 +79,7 @@ def sampling_timesteps(schedule: NoiseSchedule, num_steps, spacing: Spacing = "u
     """A strictly decreasing int32 sequence of `num_steps` timesteps from T - 1 down to 0.
 
     Spacings (all start at T - 1 and end at 0):
-    - `"uniform"`: evenly spaced in t ("trailing" spacing; Lin et al. 2024 show starting at T - 1 matters);
+    - `"uniform"`: evenly spaced in t from T - 1 to 0 (Lin et al. 2024 show that starting at T - 1 matters);
     - `"quadratic"`: t grows with the square of the step index, denser near the data (Song et al. 2021, App. D.2);
     - `"logsnr"`: evenly spaced in log-SNR lambda_t (Lu et al. 2022 recommend it for DPM-Solver).
     `num_steps` may be a tensor (the SavedModel passes one) and must be in [1, T].

@@ -63,7 +63,7 @@ def build_unet(
         dropout: dropout rate inside every ResidualBlock.
         num_classes: 0 for an unconditional model. Otherwise the model takes a third input,
             `labels`, with ids in `[0, num_classes]`: the extra id `num_classes` is the "null"
-            label meaning "no class", which classifier-free guidance (Ho & Salimans 2021)
+            label meaning "no class", which classifier-free guidance (Ho & Salimans 2022)
             trains on by dropping labels and uses for the unconditional prediction.
         norm_groups: GroupNormalization groups (32 in DDPM); every channel count must be a
             multiple of it (small widths use `min(norm_groups, channels)` groups).
