@@ -57,6 +57,10 @@ class NotOurSavedModelError(ValueError):
     """A folder given to `load_savedmodel` is not a SavedModel written by `export_savedmodel`."""
 
 
+class DamagedSavedModelError(ValueError):
+    """An export of ours whose files TensorFlow cannot load (truncated, overwritten, partly deleted)."""
+
+
 def export_savedmodel(
     model: DiffusionModel,
     export_dir,
@@ -337,10 +341,19 @@ def load_savedmodel(path) -> tuple[object, dict]:
     Raises:
         FileNotFoundError: `path` does not exist.
         NotOurSavedModelError: `path` holds no SavedModel, or one not written by keras_ddpm.
+        DamagedSavedModelError: the files are ours but TensorFlow cannot load them.
     """
     version_dir = find_version_dir(path)
     metadata = read_metadata(version_dir)
-    return tf.saved_model.load(str(version_dir)), metadata
+    try:
+        loaded = tf.saved_model.load(str(version_dir))
+    except (OSError, tf.errors.OpError) as error:  # an unparsable saved_model.pb, unreadable variables
+        reason = (getattr(error, "message", None) or str(error)).strip().splitlines()[0]
+        raise DamagedSavedModelError(
+            f"{version_dir} is damaged: TensorFlow cannot load it ({reason}). Export it again, or restore the "
+            f"files (for the shipped model: git checkout -- savedmodel)."
+        ) from None
+    return loaded, metadata
 
 
 def find_version_dir(path) -> pathlib.Path:
