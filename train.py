@@ -57,6 +57,9 @@ flags.DEFINE_integer("validation_images", 0, "Held-out images for val_loss each 
 flags.DEFINE_integer("swd_every_epochs", 0, "Log the SWD of EMA samples vs validation images every N epochs and keep best_ema.weights.h5 (0 = off).")
 flags.DEFINE_integer("swd_images", 512, "Samples and validation images per SWD measurement.")
 flags.DEFINE_boolean("export", True, "Export <output_dir>/savedmodel/1 at the end.")
+flags.DEFINE_enum("export_sampler", "ddim", ["ddpm", "ddim", "dpm++"], "The export's default sampler (serving_default).")
+flags.DEFINE_integer("export_steps", 50, "The export's default number of sampling steps.")
+flags.DEFINE_float("export_eta", 0.0, "The export's default DDIM eta in [0, 1].")
 flags.DEFINE_boolean("traceback", False, "Show the full traceback on errors.")
 
 
@@ -112,6 +115,9 @@ def configs_from_flags():
         swd_every_epochs=FLAGS.swd_every_epochs,
         swd_images=FLAGS.swd_images,
         export=FLAGS.export,
+        export_sampler=FLAGS.export_sampler,
+        export_steps=FLAGS.export_steps,
+        export_eta=FLAGS.export_eta,
     )
     return model_config, train_config
 

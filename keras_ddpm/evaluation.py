@@ -199,7 +199,7 @@ def evaluate(
     num_images: int = 2000,
     sampler: str | None = None,
     steps: int | None = None,
-    eta: float = 0.0,
+    eta: float | None = None,
     seed: int = 0,
     batch_size: int = 64,
     inception_weights: str | None = "imagenet",
@@ -222,8 +222,8 @@ def evaluate(
         split: the held-out split the real images come from.
         metrics: names from `METRICS` (a list or "swd,nll").
         num_images: samples and real images for SWD, FID and KID.
-        sampler, steps, eta: how samples are drawn; default: the SavedModel's own sampler (DDIM for a run
-            directory) and its default step count.
+        sampler, steps, eta: how samples are drawn; default: the SavedModel's own sampler, step count and eta
+            (DDIM, 50 steps, eta 0 for a run directory).
         seed: sample i uses seed `seed + i`; also seeds the SWD projections and the NLL's draws.
         batch_size: images per sampling, Inception and NLL batch.
         inception_weights: "imagenet" (downloaded by Keras) or the path of the InceptionV3 notop `.h5`.
@@ -303,7 +303,9 @@ def evaluate(
 
 def _draw_samples(generator, num_images, sampler, steps, eta, seed, batch_size, verbose):
     """`num_images` samples from seeds `seed, seed + 1, ...` (classes in turn for a conditional model), and how."""
-    sampler = sampler or (getattr(generator, "metadata", None) or {}).get("sampler") or "ddim"
+    metadata = getattr(generator, "metadata", None) or {}
+    sampler = sampler or metadata.get("sampler") or "ddim"
+    eta = metadata.get("eta", 0.0) if eta is None else eta
     steps = steps or samplers.default_steps(sampler, generator.schedule.num_timesteps)
     labels = np.arange(num_images) % generator.num_classes if generator.num_classes else None
     _say(verbose, f"Sampling {num_images} images ({sampler}, {steps} steps)")

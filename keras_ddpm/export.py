@@ -68,6 +68,7 @@ def export_savedmodel(
     *,
     sampler: samplers.SamplerName = "ddim",
     steps: int = 50,
+    eta: float = 0.0,
     metadata: dict | None = None,
 ) -> pathlib.Path:
     """Write `<export_dir>/<version>/`, a SavedModel of the model's EMA network with its sampler.
@@ -78,6 +79,7 @@ def export_savedmodel(
         version: the version folder's number, an integer >= 0; an existing version is replaced.
         sampler: `"ddim"`, `"ddpm"` or `"dpm++"`, used by `serving_default` and `generate`.
         steps: network evaluations per image in `serving_default`, in [1, T].
+        eta: DDIM noise in [0, 1] for `serving_default` (0: deterministic; 1: as much noise as DDPM).
         metadata: extra JSON-serialisable entries, e.g. `{"dataset": "celeba", "training_steps": 80000}`.
             `dataset` and `training_steps` have defaults (None and the optimizer's step count); the
             entries describing the model itself cannot be overridden.
@@ -98,9 +100,11 @@ def export_savedmodel(
         raise ValueError(f"Unknown sampler {sampler!r}; choose one of {samplers.SAMPLERS}.")
     if not 1 <= steps <= model.schedule.num_timesteps:
         raise ValueError(f"steps must be in [1, {model.schedule.num_timesteps}] (the schedule's T), got {steps}.")
-    steps = int(steps)
-    metadata_json = json.dumps(build_metadata(model, sampler, steps, metadata), indent=2, sort_keys=True)
-    module = _ServingModule(model, sampler, steps, metadata_json)
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1], got {eta}.")
+    steps, eta = int(steps), float(eta)
+    metadata_json = json.dumps(build_metadata(model, sampler, steps, metadata, eta), indent=2, sort_keys=True)
+    module = _ServingModule(model, sampler, steps, eta, metadata_json)
 
     export_dir = pathlib.Path(export_dir)
     export_dir.mkdir(parents=True, exist_ok=True)
@@ -115,7 +119,8 @@ def export_savedmodel(
         shutil.rmtree(staging, ignore_errors=True)  # gone already unless the export failed
 
 
-def build_metadata(model: DiffusionModel, sampler: str, steps: int, extra: dict | None = None) -> dict:
+def build_metadata(model: DiffusionModel, sampler: str, steps: int, extra: dict | None = None, eta: float = 0.0
+                   ) -> dict:
     """The metadata stored with an export: what the model is, how it samples, what made it, plus `extra`."""
     height, width, channels = model.image_shape
     optimizer = getattr(model, "optimizer", None)
@@ -146,7 +151,7 @@ def build_metadata(model: DiffusionModel, sampler: str, steps: int, extra: dict 
         objective=model.objective,
         sampler=sampler,
         steps=steps,
-        eta=0.0,
+        eta=eta,
         guidance=1.0,
         spacing=samplers.DEFAULT_SPACING[sampler],
         dtype_policy=model.network.dtype_policy.name,
@@ -195,10 +200,10 @@ class _ServingModule(tf.Module):
     `saved_model_cli run` do not: they restore the wrappers' copies while the graph reads the originals.)
     """
 
-    def __init__(self, model: DiffusionModel, sampler: str, steps: int, metadata_json: str):
+    def __init__(self, model: DiffusionModel, sampler: str, steps: int, eta: float, metadata_json: str):
         super().__init__(name="keras_ddpm_serving")
         self.metadata = tf.function(lambda: tf.constant(metadata_json), input_signature=[])
-        self.serving_default, self.generate, self.denoise = _serving_functions(model, sampler, steps)
+        self.serving_default, self.generate, self.denoise = _serving_functions(model, sampler, steps, eta)
         captured = {}
         for function in self.signature_functions().values():
             captured.update((id(variable), variable) for variable in function.get_concrete_function().variables)
@@ -208,7 +213,7 @@ class _ServingModule(tf.Module):
         return {"serving_default": self.serving_default, "generate": self.generate, "denoise": self.denoise}
 
 
-def _serving_functions(model: DiffusionModel, sampler: str, default_steps: int):
+def _serving_functions(model: DiffusionModel, sampler: str, default_steps: int, default_eta: float):
     """The three signature functions; conditional models' versions take `label` (and `guidance`)."""
     sample = model.sample_function(sampler)
     checks = _RequestChecks(model)
@@ -244,7 +249,7 @@ def _serving_functions(model: DiffusionModel, sampler: str, default_steps: int):
 
         @tf.function(input_signature=[seed_spec, label_spec])
         def serving_default(seed, label):
-            return images(seed, default_steps, 0.0, label)
+            return images(seed, default_steps, default_eta, label)
 
         @tf.function(input_signature=[seed_spec, label_spec, steps_spec, eta_spec, guidance_spec])
         def generate(seed, label, steps, eta, guidance):
@@ -258,7 +263,7 @@ def _serving_functions(model: DiffusionModel, sampler: str, default_steps: int):
 
         @tf.function(input_signature=[seed_spec])
         def serving_default(seed):
-            return images(seed, default_steps, 0.0)
+            return images(seed, default_steps, default_eta)
 
         @tf.function(input_signature=[seed_spec, steps_spec, eta_spec])
         def generate(seed, steps, eta):

@@ -61,13 +61,14 @@ class SavedModelGenerator:
             self._sample_functions[key] = sample
         return self._sample_functions[key]
 
-    def generate(self, num_images=None, *, seed=0, seeds=None, steps=None, sampler=None, eta=0.0, spacing=None,
+    def generate(self, num_images=None, *, seed=0, seeds=None, steps=None, sampler=None, eta=None, spacing=None,
                  labels=None, guidance=1.0, return_trajectory=False):
         """uint8 images [N, H, W, C] (and the float trajectory [S, N, H, W, C] when asked); see `DiffusionModel.generate`.
 
-        `sampler` defaults to the one the model was exported with.
+        `sampler` and `eta` default to those the model was exported with.
         """
         sampler = sampler or self.metadata["sampler"]
+        eta = self.metadata.get("eta", 0.0) if eta is None else eta
         seeds, steps, labels = check_request(
             num_images, seed, seeds, steps, sampler, eta, labels, self.num_classes, self.schedule.num_timesteps
         )
@@ -99,7 +100,7 @@ def load_generator(path):
     if (path / "config.json").is_file():
         model, model_config = load_run(path)
         dataset = read_json(path / "config.json")["train"]["dataset"]
-        model.metadata = {**model_config.to_dict(), "dataset": dataset, "sampler": "ddim"}
+        model.metadata = {**model_config.to_dict(), "dataset": dataset, "sampler": "ddim", "eta": 0.0}
         return model
     return SavedModelGenerator(*load_savedmodel(path))
 
@@ -109,6 +110,8 @@ def generate_in_batches(generator, num_images: int, batch_size: int = 64, seed: 
     """`generator.generate` over `num_images` seeds `seed, seed + 1, ...` in batches, with a progress bar."""
     progress = keras.utils.Progbar(num_images, unit_name="image") if verbose else None
     labels = options.pop("labels", None)
+    if options.get("eta", 0.0) is None:
+        options["eta"] = (getattr(generator, "metadata", None) or {}).get("eta", 0.0)  # the model's default
     if labels is not None:
         labels = np.broadcast_to(np.asarray(labels), [num_images])
     batches = []

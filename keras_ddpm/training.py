@@ -62,6 +62,9 @@ class TrainConfig:
     swd_every_epochs: int = 0
     swd_images: int = 512
     export: bool = True
+    export_sampler: str = "ddim"
+    export_steps: int = 50
+    export_eta: float = 0.0
     verbose: int | str = "auto"
 
 
@@ -236,7 +239,9 @@ def export_run(model, output_dir, model_config: ModelConfig, train_config: Train
         "training_steps": int(model.optimizer.iterations),
         "model_config": model_config.to_dict(),
     }
-    return export_savedmodel(model, pathlib.Path(output_dir) / "savedmodel", version=1, metadata=metadata)
+    return export_savedmodel(model, pathlib.Path(output_dir) / "savedmodel", version=1,
+                             sampler=train_config.export_sampler, steps=train_config.export_steps,
+                             eta=train_config.export_eta, metadata=metadata)
 
 
 def load_run(output_dir, use_checkpoint: str | None = None):

@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from keras_ddpm import export
 from keras_ddpm.export import NotOurSavedModelError, export_savedmodel, load_savedmodel
+from keras_ddpm.generation import load_generator
 from test_model import make_model, toy_images
 
 SEEDS = [3, 7, 11]
@@ -117,6 +118,16 @@ def test_images_match_generate_and_depend_only_on_their_seed(loaded, model):
             eta=tf.constant(sampler_options["eta"]),
         )["images"].numpy()
         np.testing.assert_array_equal(generated, model.generate(seeds=SEEDS, **sampler_options))
+
+
+def test_exported_eta_is_the_serving_default_and_the_generators(model, tmp_path):
+    folder = export_savedmodel(model, tmp_path / "stochastic", steps=3, eta=1.0)
+    saved_model, metadata = load_savedmodel(folder)
+    assert metadata["eta"] == 1.0
+    served = saved_model.signatures["serving_default"](seed=tf.constant(SEEDS, tf.int64))["images"].numpy()
+    np.testing.assert_array_equal(served, model.generate(seeds=SEEDS, steps=3, eta=1.0))
+    assert not np.array_equal(served, model.generate(seeds=SEEDS, steps=3, eta=0.0))
+    np.testing.assert_array_equal(load_generator(folder).generate(seeds=SEEDS, steps=3), served)  # eta from metadata
 
 
 def test_denoise_is_the_ema_network(loaded, model):
