@@ -59,7 +59,7 @@ flags.DEFINE_integer("swd_images", 512, "Samples and validation images per SWD m
 flags.DEFINE_boolean("export", True, "Export <output_dir>/savedmodel/1 at the end.")
 flags.DEFINE_enum("export_sampler", "ddim", ["ddpm", "ddim", "dpm++"], "The export's default sampler (serving_default).")
 flags.DEFINE_integer("export_steps", 50, "The export's default number of sampling steps.")
-flags.DEFINE_float("export_eta", 0.0, "The export's default DDIM eta in [0, 1].")
+flags.DEFINE_float("export_eta", 0.0, "The export's default DDIM eta in [0, 1]; also used for sample grids and SWD.")
 flags.DEFINE_boolean("traceback", False, "Show the full traceback on errors.")
 
 

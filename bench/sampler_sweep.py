@@ -1,7 +1,9 @@
 """Sample quality against sampling cost: SWD of one model's samples for several samplers and step counts.
 
     python bench/sampler_sweep.py --model=savedmodel --data_dir=../shared/data/celeba \
-        --runs ddim:10 ddim:20 ddim:50 ddim:100 dpm++:10 dpm++:20 ddpm:1000 --plot=docs/swd_vs_steps.png
+        --runs ddim:10 ddim:20 ddim:50 ddim:100 ddim:50:1 dpm++:10 dpm++:20 ddpm:1000 --plot=docs/swd_vs_steps.png
+
+A run is `sampler:steps` or `sampler:steps:eta` (DDIM's noise; default 0).
 
 Each run draws `--num_images` samples from the seeds 0, 1, ... (the same starting noise for every run) and
 compares them with as many held-out real faces (the `validation` split). The floor is the SWD of as many
@@ -9,9 +11,10 @@ training faces against the same held-out faces: what a perfect model would score
 Prints `key value` lines, one run at a time:
 
     floor_swd_mean                       real training faces vs the held-out faces
-    <sampler>_<steps>_swd_mean           samples vs the held-out faces (x1e3, lower is better)
-    <sampler>_<steps>_vs_floor           swd_mean / floor_swd_mean
-    <sampler>_<steps>_seconds            sampling time of the run
+    <run>_swd_mean                       samples vs the held-out faces (x1e3, lower is better); <run> is
+                                         e.g. ddim_50 or ddim_50_eta1
+    <run>_vs_floor                       swd_mean / floor_swd_mean
+    <run>_seconds                        sampling time of the run
     dpm++_20_vs_ddpm_1000                the issue's target: at most 1.10 (when both runs are in the sweep)
 
 `--plot` draws SWD against network evaluations per image, one line per sampler, with the floor.
@@ -29,12 +32,21 @@ from keras_ddpm.data import load_images
 from keras_ddpm.generation import generate_in_batches, load_generator
 
 
-def parse_run(text: str) -> tuple[str, int]:
-    """"ddim:50" -> ("ddim", 50)."""
-    sampler, _, steps = text.partition(":")
-    if not steps.isdigit():
-        raise argparse.ArgumentTypeError(f"A run is sampler:steps such as ddim:50, got {text!r}.")
-    return sampler, int(steps)
+def parse_run(text: str) -> tuple[str, int, float]:
+    """"ddim:50" -> ("ddim", 50, 0.0); "ddim:50:1" -> ("ddim", 50, 1.0)."""
+    sampler, steps, eta = (text.split(":") + ["0"])[:3]
+    try:
+        return sampler, int(steps), float(eta)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"A run is sampler:steps[:eta] such as ddim:50 or ddim:50:1, got {text!r}.")
+
+
+def run_name(sampler: str, steps: int, eta: float) -> str:
+    return f"{sampler}_{steps}" + (f"_eta{eta:g}" if eta else "")
+
+
+def line_name(sampler: str, eta: float) -> str:
+    return sampler + (f" (eta {eta:g})" if eta else "")
 
 
 def plot_sweep(results: dict, floor: float, path: pathlib.Path):
@@ -45,9 +57,9 @@ def plot_sweep(results: dict, floor: float, path: pathlib.Path):
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6, 3.8), dpi=120)
-    for sampler in dict.fromkeys(sampler for sampler, _ in results):
-        points = sorted((steps, swd) for (name, steps), swd in results.items() if name == sampler)
-        axes.plot(*zip(*points), "o-", label=sampler)
+    for line in dict.fromkeys((sampler, eta) for sampler, _, eta in results):
+        points = sorted((steps, swd) for (sampler, steps, eta), swd in results.items() if (sampler, eta) == line)
+        axes.plot(*zip(*points), "o-", label=line_name(*line))
     axes.axhline(floor, color="gray", linestyle="--", label="real vs real (floor)")
     axes.set_xscale("log")
     axes.set_xlabel("network evaluations per image")
@@ -64,7 +76,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(common.REPO / "savedmodel"), help="SavedModel folder or run directory")
     parser.add_argument("--data_dir", default=None, help="CelebA folder (default: CELEBA_DIR)")
-    parser.add_argument("--runs", nargs="+", type=parse_run, default=[parse_run("ddim:50"), parse_run("dpm++:20")])
+    parser.add_argument("--runs", nargs="+", type=parse_run, default=[parse_run("ddim:50"), parse_run("dpm++:20")],
+                        help="sampler:steps[:eta] ...")
     parser.add_argument("--num_images", type=int, default=2000)
     parser.add_argument("--batch_size", type=int, default=250)
     parser.add_argument("--plot", type=pathlib.Path, default=None, help="PNG of SWD vs steps")
@@ -79,23 +92,23 @@ def main():
     print(f"num_images {len(held_out)}\nfloor_swd_mean {floor:.2f}", flush=True)
 
     results = {}
-    for sampler, steps in args.runs:
+    for sampler, steps, eta in args.runs:
         start = time.perf_counter()
         samples = generate_in_batches(generator, len(held_out), args.batch_size, seed=0, verbose=False,
-                                      sampler=sampler, steps=steps)
+                                      sampler=sampler, steps=steps, eta=eta)
         seconds = time.perf_counter() - start
         swd = metrics.sliced_wasserstein_distance(samples, held_out)["swd_mean"]
-        results[sampler, steps] = swd
-        print(f"{sampler}_{steps}_swd_mean {swd:.2f}\n{sampler}_{steps}_vs_floor {swd / floor:.2f}\n"
-              f"{sampler}_{steps}_seconds {seconds:.0f}", flush=True)
+        results[sampler, steps, eta] = swd
+        name = run_name(sampler, steps, eta)
+        print(f"{name}_swd_mean {swd:.2f}\n{name}_vs_floor {swd / floor:.2f}\n{name}_seconds {seconds:.0f}", flush=True)
         if args.plot:  # redrawn after every run, so a long sweep shows its progress
             plot_sweep(results, floor, args.plot)
     if args.json:
         args.json.write_text(json.dumps({"model": args.model, "num_images": len(held_out), "floor": floor,
-                                         "runs": [{"sampler": sampler, "steps": steps, "swd_mean": swd}
-                                                  for (sampler, steps), swd in results.items()]}, indent=1) + "\n")
-    if ("dpm++", 20) in results and ("ddpm", 1000) in results:
-        print(f"dpm++_20_vs_ddpm_1000 {results['dpm++', 20] / results['ddpm', 1000]:.3f}")
+                                         "runs": [{"sampler": sampler, "steps": steps, "eta": eta, "swd_mean": swd}
+                                                  for (sampler, steps, eta), swd in results.items()]}, indent=1) + "\n")
+    if ("dpm++", 20, 0.0) in results and ("ddpm", 1000, 0.0) in results:
+        print(f"dpm++_20_vs_ddpm_1000 {results['dpm++', 20, 0.0] / results['ddpm', 1000, 0.0]:.3f}")
 
 
 if __name__ == "__main__":

@@ -94,12 +94,12 @@ class SampleGrid(keras.callbacks.Callback):
         steps_per_epoch: to name grids by optimizer step.
         num_images: images in the grid (a square number reads best).
         every_epochs: sampling interval.
-        sampler, steps: how to sample (a cheap DDIM by default).
+        sampler, steps, eta: how to sample (a cheap deterministic DDIM by default).
         labels: for conditional models, the labels of the grid (default: classes in turn).
         log_dir: TensorBoard log directory, or None.
     """
 
-    def __init__(self, folder, steps_per_epoch, num_images=64, every_epochs=1, sampler="ddim", steps=50,
+    def __init__(self, folder, steps_per_epoch, num_images=64, every_epochs=1, sampler="ddim", steps=50, eta=0.0,
                  labels=None, log_dir=None, seed=0):
         super().__init__()
         self.folder = pathlib.Path(folder)
@@ -108,6 +108,7 @@ class SampleGrid(keras.callbacks.Callback):
         self.every_epochs = every_epochs
         self.sampler = sampler
         self.steps = steps
+        self.eta = eta
         self.labels = labels
         self.seed = seed
         self.writer = tf.summary.create_file_writer(str(log_dir)) if log_dir else None
@@ -119,7 +120,7 @@ class SampleGrid(keras.callbacks.Callback):
         if labels is None and self.model.num_classes:
             labels = np.arange(self.num_images) % self.model.num_classes
         images = self.model.generate(
-            self.num_images, seed=self.seed, steps=self.steps, sampler=self.sampler, labels=labels
+            self.num_images, seed=self.seed, steps=self.steps, sampler=self.sampler, eta=self.eta, labels=labels
         )
         step = (epoch + 1) * self.steps_per_epoch
         plots.save_image_grid(self.folder / f"step_{step:07d}.png", images)
@@ -160,13 +161,13 @@ class SWDMonitor(keras.callbacks.Callback):
             16 pixels on a side (SWD's coarsest level).
         every_epochs: measurement interval in epochs.
         best_weights_path: where the best EMA weights go (a `.weights.h5` file), or None to keep none.
-        sampler, steps: how to sample (few DDIM steps: SWD compares local patch statistics, which settle early).
+        sampler, steps, eta: how to sample (few DDIM steps: SWD compares local patch statistics, which settle early).
         batch_size: images per sampling batch.
         seed: sample i uses seed `seed + i`; also seeds the SWD's patches and projections.
     """
 
     def __init__(self, real_images, every_epochs: int = 1, best_weights_path=None, sampler="ddim", steps=25,
-                 batch_size: int = 64, seed: int = 0):
+                 eta: float = 0.0, batch_size: int = 64, seed: int = 0):
         super().__init__()
         real_images = np.asarray(real_images)
         if real_images.dtype != np.uint8 or real_images.ndim != 4 or min(real_images.shape[1:3]) < 16:
@@ -181,6 +182,7 @@ class SWDMonitor(keras.callbacks.Callback):
         self.best_weights_path = pathlib.Path(best_weights_path) if best_weights_path else None
         self.sampler = sampler
         self.steps = steps
+        self.eta = eta
         self.batch_size = batch_size
         self.seed = seed
         self.best = math.inf
@@ -205,7 +207,7 @@ class SWDMonitor(keras.callbacks.Callback):
         num_images = len(self.real_images)
         labels = np.arange(num_images) % self.model.num_classes if self.model.num_classes else None
         samples = generate_in_batches(self.model, num_images, self.batch_size, self.seed, verbose=False,
-                                      sampler=self.sampler, steps=self.steps, labels=labels)
+                                      sampler=self.sampler, steps=self.steps, eta=self.eta, labels=labels)
         swd = sliced_wasserstein_distance(samples, self.real_images, seed=self.seed)["swd_mean"]
         if logs is not None:
             logs["swd"] = swd

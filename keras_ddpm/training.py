@@ -199,7 +199,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, output_dir):
                                   data_dir=cfg.data_dir, crop=cfg.crop, channels=model_config.channels)
         swd_monitor = [run_callbacks.SWDMonitor(
             real_images, cfg.swd_every_epochs, output_dir / "best_ema.weights.h5", steps=cfg.sample_steps,
-            batch_size=cfg.batch_size, seed=cfg.seed,
+            eta=cfg.export_eta, batch_size=cfg.batch_size, seed=cfg.seed,
         )]
     callbacks = [
         run_callbacks.RunProgress(cfg.steps_per_epoch, cfg.batch_size),
@@ -211,7 +211,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, output_dir):
         keras.callbacks.TensorBoard(str(output_dir / "tensorboard"), write_graph=False),
         run_callbacks.SampleGrid(
             output_dir / "samples", cfg.steps_per_epoch, cfg.num_samples, cfg.sample_every_epochs,
-            steps=cfg.sample_steps, log_dir=output_dir / "tensorboard" / "samples", seed=cfg.seed,
+            steps=cfg.sample_steps, eta=cfg.export_eta, log_dir=output_dir / "tensorboard" / "samples", seed=cfg.seed,
         ),
     ]
     if int(epochs_done) < total_epochs:
