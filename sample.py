@@ -34,7 +34,7 @@ flags.DEFINE_boolean("traceback", False, "Show the full traceback on errors.")
 
 def describe(generator) -> str:
     meta = generator.metadata
-    fields = ["dataset", "image_size", "channels", "num_classes", "schedule", "objective", "sampler", "steps",
+    fields = ["dataset", "image_size", "channels", "num_classes", "schedule", "objective", "sampler", "steps", "eta",
               "training_steps", "keras_ddpm_version", "exported_at"]
     return "\n".join(f"  {key}: {meta[key]}" for key in fields if meta.get(key) is not None)
 
@@ -57,7 +57,8 @@ def main(argv):
         plots.check_writable(output.parent)
         generator = load_generator(FLAGS.model)
         print(f"Model {FLAGS.model}:\n{describe(generator)}")
-        options = dict(sampler=FLAGS.sampler, steps=FLAGS.steps, eta=FLAGS.eta, spacing=FLAGS.spacing,
+        eta = generator.metadata.get("eta", 0.0) if FLAGS.eta is None else FLAGS.eta  # default: the export's
+        options = dict(sampler=FLAGS.sampler, steps=FLAGS.steps, eta=eta, spacing=FLAGS.spacing,
                        guidance=FLAGS.guidance, labels=FLAGS.label)
         if generator.num_classes and FLAGS.label is None:
             options["labels"] = np.arange(FLAGS.num_images) % generator.num_classes  # classes in turn

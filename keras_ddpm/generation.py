@@ -110,8 +110,6 @@ def generate_in_batches(generator, num_images: int, batch_size: int = 64, seed: 
     """`generator.generate` over `num_images` seeds `seed, seed + 1, ...` in batches, with a progress bar."""
     progress = keras.utils.Progbar(num_images, unit_name="image") if verbose else None
     labels = options.pop("labels", None)
-    if options.get("eta", 0.0) is None:
-        options["eta"] = (getattr(generator, "metadata", None) or {}).get("eta", 0.0)  # the model's default
     if labels is not None:
         labels = np.broadcast_to(np.asarray(labels), [num_images])
     batches = []
