@@ -12,7 +12,7 @@ Arms (each is `train.py --flagfile=flags/celeba32_cpu.flags` plus the flags show
 
 Every arm trains `--train_steps` steps at the recipe's batch and seed into `<root>/<arm>` (rerunning resumes an
 interrupted arm and skips a finished one), then is scored on its final EMA weights: SWD of `--num_images`
-DDIM-50 samples against as many held-out faces, and the NLL bound on `--nll_images` held-out faces. Prints
+DDIM-50 samples (eta 1, the shipped model's sampler) against as many held-out faces, and the NLL bound on `--nll_images` held-out faces. Prints
 `key value` lines per arm: `<arm>_swd_mean`, `<arm>_nll_bpd`, `<arm>_train_seconds`, and writes `<root>/ablation.json`.
 """
 
@@ -40,7 +40,7 @@ def train_arm(arm: str, run_dir: pathlib.Path, args) -> float:
     """Train (or resume, or skip) one arm with train.py; returns the wall time of this call."""
     command = [sys.executable, str(common.REPO / "train.py"), f"--flagfile={common.RECIPES['cpu']}",
                f"--data_dir={args.data_dir}", f"--output_dir={run_dir}", f"--train_steps={args.train_steps}",
-               "--export=false", *ARMS[arm]]
+               "--export=false", "--swd_every_epochs=0", *ARMS[arm]]
     print(f"# {' '.join(command)}", flush=True)
     start = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
@@ -62,7 +62,7 @@ def main():
         run_dir = args.root.expanduser() / arm
         seconds = train_arm(arm, run_dir, args)
         results = evaluation.evaluate(str(run_dir), data_dir=args.data_dir, metrics="swd,nll", sampler="ddim",
-                                      steps=50, num_images=args.num_images, nll_images=args.nll_images,
+                                      steps=50, eta=1.0, num_images=args.num_images, nll_images=args.nll_images,
                                       batch_size=250, verbose=False)
         summary[arm] = {"flags": ARMS[arm], "train_seconds": seconds, **results["metrics"]}
         print(f"{arm}_swd_mean {results['metrics']['swd']['swd_mean']:.2f}\n"
