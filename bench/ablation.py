@@ -12,8 +12,9 @@ Arms (each is `train.py --flagfile=flags/celeba32_cpu.flags` plus the flags show
 
 Every arm trains `--train_steps` steps at the recipe's batch and seed into `<root>/<arm>` (rerunning resumes an
 interrupted arm and skips a finished one), then is scored on its final EMA weights: SWD of `--num_images`
-DDIM-50 samples (eta 1, the shipped model's sampler) against as many held-out faces, and the NLL bound on `--nll_images` held-out faces. Prints
-`key value` lines per arm: `<arm>_swd_mean`, `<arm>_nll_bpd`, `<arm>_train_seconds`, and writes `<root>/ablation.json`.
+DDIM-50 samples (eta 1, the shipped model's sampler) against as many held-out faces, and the NLL bound on
+`--nll_images` held-out faces. Prints `key value` lines per arm: `<arm>_swd_mean`, `<arm>_nll_bpd`,
+`<arm>_train_seconds`, and writes `<root>/ablation.json`.
 """
 
 import argparse
