@@ -1,6 +1,6 @@
 """The training ablation: the CPU recipe with one change per arm, the same budget for all, scored by SWD and NLL.
 
-    python bench/ablation.py --data_dir=../shared/data/celeba --root=~/runs/ablation --train_steps=3000
+    python bench/ablation.py --data_dir=../shared/data/celeba --root=$HOME/runs/ablation --train_steps=3000
 
 Arms (each is `train.py --flagfile=flags/celeba32_cpu.flags` plus the flags shown):
 
