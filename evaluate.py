@@ -2,8 +2,8 @@
 
 `--metrics=swd,kid,fid,nll` adds FID and KID (they need the InceptionV3 ImageNet weights: internet, or
 `--inception_weights=path.h5`); `nn` is the memorisation check (distance of samples to their nearest training
-images next to that of held-out faces; `--nn_png` shows them). `--model` also takes a training run directory; `--samples_npz` scores images
-written earlier by `sample.py --save_npz` instead of drawing new ones. The results are printed as a table and
+images next to that of held-out faces; `--nn_png` shows them). `--model` also takes a training run directory;
+`--samples_npz` scores images written earlier by `sample.py --save_npz` instead of drawing new ones. The results are printed as a table and
 written as JSON (`--output_json`, default next to the model). A metric that cannot run is reported as failed
 and the others are still computed; the exit status is then 1, as it is for bad flags or missing data.
 """

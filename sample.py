@@ -51,15 +51,14 @@ def main(argv):
         import numpy as np
 
         from keras_ddpm import plots
-        from keras_ddpm.generation import generate_in_batches, load_generator
+        from keras_ddpm.generation import generate_in_batches, load_generator, resolve_eta
 
         output = pathlib.Path(FLAGS.output)
         plots.check_writable(output.parent)
         generator = load_generator(FLAGS.model)
         print(f"Model {FLAGS.model}:\n{describe(generator)}")
-        eta = generator.metadata.get("eta", 0.0) if FLAGS.eta is None else FLAGS.eta  # default: the export's
-        options = dict(sampler=FLAGS.sampler, steps=FLAGS.steps, eta=eta, spacing=FLAGS.spacing,
-                       guidance=FLAGS.guidance, labels=FLAGS.label)
+        options = dict(sampler=FLAGS.sampler, steps=FLAGS.steps, eta=resolve_eta(generator, FLAGS.eta),
+                       spacing=FLAGS.spacing, guidance=FLAGS.guidance, labels=FLAGS.label)
         if generator.num_classes and FLAGS.label is None:
             options["labels"] = np.arange(FLAGS.num_images) % generator.num_classes  # classes in turn
         images = generate_in_batches(generator, FLAGS.num_images, FLAGS.batch_size, FLAGS.seed, **options)

@@ -28,7 +28,7 @@ from keras_ddpm import __version__, samplers
 from keras_ddpm import metrics as metric_functions
 from keras_ddpm.config import read_json
 from keras_ddpm.data import load_images
-from keras_ddpm.generation import generate_in_batches, load_generator
+from keras_ddpm.generation import generate_in_batches, load_generator, resolve_eta
 from keras_ddpm.model import DiffusionModel
 
 METRICS = ("swd", "fid", "kid", "nll", "nn")
@@ -303,9 +303,8 @@ def evaluate(
 
 def _draw_samples(generator, num_images, sampler, steps, eta, seed, batch_size, verbose):
     """`num_images` samples from seeds `seed, seed + 1, ...` (classes in turn for a conditional model), and how."""
-    metadata = getattr(generator, "metadata", None) or {}
-    sampler = sampler or metadata.get("sampler") or "ddim"
-    eta = metadata.get("eta", 0.0) if eta is None else eta
+    sampler = sampler or (getattr(generator, "metadata", None) or {}).get("sampler") or "ddim"
+    eta = resolve_eta(generator, eta)
     steps = steps or samplers.default_steps(sampler, generator.schedule.num_timesteps)
     labels = np.arange(num_images) % generator.num_classes if generator.num_classes else None
     _say(verbose, f"Sampling {num_images} images ({sampler}, {steps} steps)")

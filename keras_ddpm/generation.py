@@ -68,7 +68,7 @@ class SavedModelGenerator:
         `sampler` and `eta` default to those the model was exported with.
         """
         sampler = sampler or self.metadata["sampler"]
-        eta = self.metadata.get("eta", 0.0) if eta is None else eta
+        eta = resolve_eta(self, eta)
         seeds, steps, labels = check_request(
             num_images, seed, seeds, steps, sampler, eta, labels, self.num_classes, self.schedule.num_timesteps
         )
@@ -87,6 +87,11 @@ class SavedModelGenerator:
             images, trajectory = result
             return samplers.to_uint8(images).numpy(), trajectory.numpy()
         return samplers.to_uint8(result).numpy()
+
+
+def resolve_eta(generator, eta=None) -> float:
+    """`eta` as asked, else the model's default: its export's, 0 for run directories and plain models."""
+    return (getattr(generator, "metadata", None) or {}).get("eta", 0.0) if eta is None else eta
 
 
 def load_generator(path):
