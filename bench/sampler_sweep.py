@@ -17,7 +17,8 @@ Prints `key value` lines, one run at a time:
     <run>_seconds                        sampling time of the run
     dpm++_20_vs_ddpm_1000                the issue's target: at most 1.10 (when both runs are in the sweep)
 
-`--plot` draws SWD against network evaluations per image, one line per sampler, with the floor.
+`--plot` draws SWD against network evaluations per image, one line per sampler, with the floor. `--grid_dir`
+keeps each run's first 64 samples as a grid: the images `python sample.py` draws with the same sampler.
 """
 
 import argparse
@@ -27,7 +28,7 @@ import time
 
 import common  # noqa: F401  (puts the repository on sys.path)
 
-from keras_ddpm import metrics
+from keras_ddpm import metrics, plots
 from keras_ddpm.data import load_images
 from keras_ddpm.generation import generate_in_batches, load_generator
 
@@ -82,6 +83,8 @@ def main():
     parser.add_argument("--batch_size", type=int, default=250)
     parser.add_argument("--plot", type=pathlib.Path, default=None, help="PNG of SWD vs steps")
     parser.add_argument("--json", type=pathlib.Path, default=None, help="write all figures here too")
+    parser.add_argument("--grid_dir", type=pathlib.Path, default=None,
+                        help="also write each run's first 64 samples as <grid_dir>/<run>.png (as sample.py draws them)")
     args = parser.parse_args()
 
     generator = load_generator(args.model)
@@ -101,6 +104,8 @@ def main():
         results[sampler, steps, eta] = swd
         name = run_name(sampler, steps, eta)
         print(f"{name}_swd_mean {swd:.2f}\n{name}_vs_floor {swd / floor:.2f}\n{name}_seconds {seconds:.0f}", flush=True)
+        if args.grid_dir:
+            plots.save_image_grid(args.grid_dir / f"{name}.png", samples[:64])
         if args.plot:  # redrawn after every run, so a long sweep shows its progress
             plot_sweep(results, floor, args.plot)
     if args.json:
