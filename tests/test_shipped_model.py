@@ -55,8 +55,8 @@ def test_shipped_faces_score_near_the_real_vs_real_floor(celeba_dir):
     """SWD of 256 samples (the export's sampler, DPM-Solver++-20) vs held-out faces: within 2x of real vs real.
 
     Measured when the model shipped: 1.03x (24.50 vs a floor of 23.86). The epsilon-predicting model shipped
-    before it scored 4.4x with this sampler and 2.8x with DDIM-50 at eta 1, and an untrained network far more,
-    so a broken export, sampler or training recipe fails here.
+    before it scored 4.4x with this sampler and 2.8x with DDIM-50 at eta 1, so a sampler or recipe that
+    regresses that far fails here.
     """
     held_out = load_images("celeba", "validation", 32, 256, data_dir=celeba_dir)
     train = load_images("celeba", "train", 32, 256, data_dir=celeba_dir)
