@@ -44,7 +44,9 @@ flags.DEFINE_integer("train_steps", 100_000, "Total optimizer steps.")
 flags.DEFINE_integer("steps_per_epoch", 1000, "Steps per Keras epoch; a checkpoint, a log row and maybe a grid each.")
 flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept.")
 # Hardware
-flags.DEFINE_enum("precision", "auto", ["auto", "float32", "mixed_float16", "mixed_bfloat16"], "auto: mixed_float16 on GPU, float32 on CPU.")
+flags.DEFINE_enum("precision", "auto", ["auto", "float32", "mixed_float16", "mixed_bfloat16"],
+                  "auto: mixed_float16 on a GPU, mixed_bfloat16 on a CPU with native bf16 (AMX-BF16 or AVX512_BF16), "
+                  "float32 elsewhere.")
 flags.DEFINE_boolean("xla", False, "Compile the train step with XLA (jit_compile).")
 flags.DEFINE_enum("strategy", "auto", ["auto", "one_device", "mirrored", "multi_worker", "tpu"], "tf.distribute strategy.")
 # Run

@@ -18,7 +18,10 @@ input pipeline plays no part; see bench/data_throughput.py for that) and prints 
                                             before and after the training runs (matmul_gflops_before/_after)
     <model>_<precision>_<xla|noxla>_peak_fraction        gflops over matmul_peak_gflops
     peak_rss_mb
-    train_peak_fraction                     the CPU recipe at its own settings (float32, XLA) -- the headline
+    cpu_auto_precision                      what `--precision=auto` picks on this machine (and why, as a comment)
+    cpu_auto_speedup_vs_float32             img/s of the CPU recipe at auto over img/s at float32, same XLA setting
+    cpu_auto_first_step_seconds             the CPU recipe's first step at auto
+    train_peak_fraction                     the CPU recipe at its own settings -- the headline
 
 A multiply-add counts as 2 FLOPs, in the profiler's counts and in the matmul peak alike. Mixed precision runs
 the same model FLOPs; its fraction is still taken of the fp32 peak.
@@ -39,7 +42,7 @@ import tensorflow as tf  # noqa: E402
 from tensorflow.python.framework import graph_util, ops  # noqa: E402  (the profiler's FLOP registry)
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2  # noqa: E402
 
-from keras_ddpm.training import make_optimizer  # noqa: E402
+from keras_ddpm.training import make_optimizer, resolve_precision  # noqa: E402
 
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 SMALL_CPU_BATCH = 8  # the GPU recipe trains at 128; on a CPU a few images per step are enough to time it
@@ -159,6 +162,9 @@ def parse_args():
     parser.add_argument("--quick", action="store_true", help="2 timed steps, a 2048 matmul: checks that the script runs")
     args = parser.parse_args()
     args.precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    # The auto keys compare what auto picks with float32, so both are always measured.
+    auto_precision, _ = resolve_precision("auto")
+    args.precisions += [p for p in ("float32", auto_precision) if p not in args.precisions]
     unknown = set(args.precisions) - set(PRECISIONS)
     if unknown or not args.precisions:
         parser.error(f"--precisions takes a comma-separated list from {PRECISIONS}, got {sorted(unknown) or 'none'}.")
@@ -167,6 +173,20 @@ def parse_args():
     if args.steps % args.steps_per_execution:
         parser.error("--steps must be a multiple of --steps_per_execution.")
     return args
+
+
+def print_auto_precision(timings, xla_settings):
+    """The CPU recipe at `--precision=auto` against float32, at the recipe's XLA setting if it was measured."""
+    precision, reason = resolve_precision("auto")
+    _, cpu_train_config = common.recipe_configs("cpu")
+    xla = cpu_train_config.jit_compile if cpu_train_config.jit_compile in xla_settings else xla_settings[0]
+    first_step_seconds, images_per_second = timings["cpu", precision, xla]
+    _, float32_images_per_second = timings["cpu", "float32", xla]
+    print(f"# {reason}")
+    print(f"cpu_auto_precision {precision}")
+    print(f"cpu_auto_xla {'on' if xla else 'off'}")
+    print(f"cpu_auto_speedup_vs_float32 {images_per_second / float32_images_per_second:.2f}")
+    print(f"cpu_auto_first_step_seconds {first_step_seconds:.1f}")
 
 
 def main():
@@ -181,6 +201,7 @@ def main():
     print(f"matmul_gflops_before {gflops_before:.1f}", flush=True)
 
     achieved = {}  # (model, precision, xla) -> achieved GFLOP/s
+    timings = {}  # (model, precision, xla) -> (first step seconds, images per second)
     for name in models:
         model_config, train_config = common.recipe_configs(name)
         batch_size = args.batch_size or (train_config.batch_size if name == "cpu" else SMALL_CPU_BATCH)
@@ -201,6 +222,7 @@ def main():
                     args.warmup_steps, args.steps, args.steps_per_execution,
                 )
                 images_per_second = batch_size / seconds_per_step
+                timings[name, precision, xla] = first_step_seconds, images_per_second
                 achieved[name, precision, xla] = train_flops * images_per_second / 1e9
                 print(f"{key}_first_step_seconds {first_step_seconds:.1f}")
                 print(f"{key}_ms_per_step {1000 * seconds_per_step:.1f}")
@@ -215,6 +237,8 @@ def main():
     for (name, precision, xla), fraction in fractions.items():
         print(f"{name}_{precision}_{'xla' if xla else 'noxla'}_peak_fraction {fraction:.3f}")
     print(f"peak_rss_mb {common.peak_rss_mb():.0f}")
+    if "cpu" in models:
+        print_auto_precision(timings, xla_settings)
     # The headline is the CPU recipe as train.py runs it; failing that, the best configuration measured.
     _, cpu_train_config = common.recipe_configs("cpu")
     headline = ("cpu", cpu_train_config.precision, cpu_train_config.jit_compile)
