@@ -18,7 +18,7 @@ Both image sets go through one path, at the model's resolution (real faces are f
 
 Embedding and landmarks come from one O-Net pass over the whole image resized to 48x48 (O-Net's input),
 for every image, detected or not. The images are aligned crops, so the face window is known in advance:
-on 4,000 real 32x32 CelebA-64 crops the cascade's face box spans 87% of the image height, centred within
+on 500 real 32x32 CelebA-64 crops the cascade's face box spans 87% of the image height, centred within
 2% of the middle, so the whole image is that window. The fixed window has two merits over crops of
 detected boxes: an image in which no face is found still enters both distances (with the features of
 whatever it shows, far from a face's, so a model that never draws a face cannot score well by

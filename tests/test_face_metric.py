@@ -168,3 +168,26 @@ def test_evaluate_reports_the_face_keys_next_to_the_real_floor(real_faces, celeb
     assert face["num_images"] == 64 and 0.9 <= face["face_rate"] <= 1.0
     json.dumps(results)  # what evaluate.py writes
     assert "Face FD (O-Net), samples / real floor" in evaluation.format_table(results)
+
+
+# -- during training --------------------------------------------------------------------------------------
+
+
+def test_swd_monitor_logs_the_face_metric_beside_swd(tmp_path):
+    import keras
+
+    from keras_ddpm.config import ModelConfig
+    from keras_ddpm.data import make_dataset
+
+    keras.utils.set_random_seed(0)
+    model = ModelConfig(image_size=16, channels=3, width=8, channel_multipliers=(1,), num_res_blocks=1,
+                        attention_resolutions=(), bottleneck_attention=False, norm_groups=4, num_timesteps=50,
+                        dropout=0.0).build()
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), run_eagerly=True)  # one eager step beats tracing
+    monitor = callbacks.SWDMonitor(load_images("synthetic", "validation", 16, 16), steps=3, batch_size=16, face=True)
+    model.fit(make_dataset("synthetic", "train", 16, 8), epochs=1, steps_per_epoch=1, verbose=0,
+              callbacks=[monitor, keras.callbacks.CSVLogger(str(tmp_path / "log.csv"))])
+    header, row = (line.split(",") for line in (tmp_path / "log.csv").read_text().splitlines())
+    logged = dict(zip(header, row))
+    assert {"swd", "face_rate", "face_fd", "face_landmark_fd"} <= set(logged)
+    assert 0.0 <= float(logged["face_rate"]) <= 1.0 and float(logged["face_fd"]) > 0.0
