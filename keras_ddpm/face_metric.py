@@ -32,15 +32,19 @@ import functools
 from typing import NamedTuple
 
 import numpy as np
+import tensorflow as tf
 
 from keras_ddpm.metrics import _check_images, feature_statistics, frechet_distance
 
 ONET_SIZE = 48  # O-Net's input side
-DETECTOR_SIZE = 96  # side the detection cascade sees: 3x a 32x32 image (P-Net's 12-px window needs room)
-MIN_FACE_FRACTION = 0.25  # smaller detections are a face-like blob in the hair, not the image's face
-# MTCNN's landmark order (as in its O-Net head): eyes, nose, mouth corners.
+# Side the detection cascade sees: 3x a 32x32 image, room for P-Net's 12-px window. (At 128 px with a 32-px
+# minimum face, mtcnn 1.0's scale pyramid reaches a 1-px level and the cascade fails on every image.)
+DETECTOR_SIZE = 96
+# The image's own face fills most of an aligned crop (87% of its height); a smaller detection would be some other
+# face-like patch. MTCNN does not search for faces below this size.
+MIN_FACE_FRACTION = 0.25
+# O-Net's landmark order: the eye on the image's left, the other eye, nose, left and right mouth corners.
 LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
-KEYS = ("face_rate", "face_fd", "face_landmark_fd")
 
 
 class FaceNetworks(NamedTuple):
@@ -80,8 +84,6 @@ def _normalise_pixels(images) -> np.ndarray:
 
 def resize(images: np.ndarray, size: int) -> np.ndarray:
     """Bilinear resize of uint8 images to `size` x `size`, as float32 in [0, 255]: the one path both sets take."""
-    import tensorflow as tf
-
     return tf.image.resize(tf.constant(images, tf.float32), (size, size), method="bilinear").numpy()
 
 
@@ -100,8 +102,6 @@ def onet_outputs(images: np.ndarray, networks: FaceNetworks, batch_size: int = 5
 
     The features are the output of fc5 + PReLU, the penultimate layer that O-Net's three heads share.
     """
-    import tensorflow as tf
-
     onet = networks.onet
     layers_to_fc5 = [onet.conv1, onet.prelu1, onet.maxpool1, onet.conv2, onet.prelu2, onet.maxpool2,
                      onet.conv3, onet.prelu3, onet.maxpool3, onet.conv4, onet.prelu4, onet.permute, onet.flatten,
