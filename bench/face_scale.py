@@ -8,7 +8,8 @@ faces (the floor a perfect model would reach), and against copies of those other
 3 px sideways; the eye band swapped with the next face's). The SWD of each comparison is printed too, so that
 the two measures can be read side by side. Prints `key value` lines per condition:
 `<condition>_face_rate`, `<condition>_face_fd`, `<condition>_face_landmark_fd`, `<condition>_swd_mean` and
-`<condition>_seconds`, and `reference_face_rate` once.
+`<condition>_seconds`, and `reference_face_rate` once. `--floor_sizes 300 500 1000` also prints the real-vs-real
+floor at smaller counts (`floor<n>_face_fd`, `floor<n>_face_landmark_fd`: the first n faces against the next n).
 """
 
 import argparse
@@ -64,6 +65,7 @@ def main():
     parser.add_argument("--num_images", type=int, default=2000, help="images in each of the two sets")
     parser.add_argument("--image_size", type=int, default=32)
     parser.add_argument("--conditions", nargs="+", choices=list(DEGRADATIONS), default=list(DEGRADATIONS))
+    parser.add_argument("--floor_sizes", type=int, nargs="*", default=[], help="also the floor at these counts")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -85,6 +87,11 @@ def main():
               f"{condition}_face_fd {distances['face_fd']:.3f}\n"
               f"{condition}_face_landmark_fd {distances['face_landmark_fd']:.4f}\n"
               f"{condition}_swd_mean {swd:.2f}\n{condition}_seconds {seconds:.1f}", flush=True)
+    for size in args.floor_sizes:  # how the floor depends on the image count
+        first, second = (face_metric.embed_faces(images[start : start + size], networks) for start in (0, size))
+        distances = face_metric.compare_embeddings(first, second)
+        print(f"floor{size}_face_fd {distances['face_fd']:.3f}\n"
+              f"floor{size}_face_landmark_fd {distances['face_landmark_fd']:.5f}", flush=True)
 
 
 if __name__ == "__main__":
