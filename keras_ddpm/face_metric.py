@@ -31,6 +31,7 @@ being ignored), and a face drawn out of place is seen out of place instead of be
 import functools
 from typing import NamedTuple
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -66,6 +67,9 @@ class FaceEmbedding(NamedTuple):
 def load_face_networks() -> FaceNetworks:
     """MTCNN with the weights from the installed `mtcnn` package (no download); imported only when used.
 
+    Built in float32 whatever the global dtype policy, so a training run under mixed precision measures its
+    samples with the same network as `evaluate.py`.
+
     Raises:
         RuntimeError: when the `mtcnn` package is not installed.
     """
@@ -73,7 +77,12 @@ def load_face_networks() -> FaceNetworks:
         from mtcnn import MTCNN
     except ImportError as error:
         raise RuntimeError(f"The face metric needs the mtcnn package ({error}); pip install mtcnn.") from error
-    detector = MTCNN(stages="face_and_landmarks_detection", device="CPU:0")
+    policy = keras.mixed_precision.dtype_policy()
+    keras.mixed_precision.set_dtype_policy("float32")
+    try:
+        detector = MTCNN(stages="face_and_landmarks_detection", device="CPU:0")
+    finally:
+        keras.mixed_precision.set_dtype_policy(policy)
     return FaceNetworks(detector, detector.get_stage(stage_name="Stage ONET").model)
 
 

@@ -94,6 +94,19 @@ def test_weights_load_with_the_network_blocked(monkeypatch):
     assert np.any(features != 0)  # trained weights, not an unbuilt or zero network
 
 
+def test_networks_are_float32_under_a_mixed_precision_policy():
+    import keras
+
+    keras.mixed_precision.set_dtype_policy("mixed_float16")  # conftest restores float32 afterwards
+    face_metric.load_face_networks.cache_clear()
+    try:
+        networks = face_metric.load_face_networks()
+    finally:
+        face_metric.load_face_networks.cache_clear()
+    assert networks.onet.fc5.compute_dtype == "float32"
+    assert keras.mixed_precision.dtype_policy().name == "mixed_float16"  # the caller's policy is left alone
+
+
 def test_mtcnn_is_imported_only_when_the_face_metric_runs():
     code = ("import sys; import keras_ddpm.evaluation, keras_ddpm.callbacks, keras_ddpm.face_metric; "
             "assert 'mtcnn' not in sys.modules, 'mtcnn imported eagerly'")
