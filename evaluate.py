@@ -1,11 +1,14 @@
 """Measure a model: `python evaluate.py --data_dir=../shared/data/celeba` prints SWD and the NLL bound of `savedmodel/`.
 
 `--metrics=swd,kid,fid,nll` adds FID and KID (they need the InceptionV3 ImageNet weights: internet, or
-`--inception_weights=path.h5`); `nn` is the memorisation check (distance of samples to their nearest training
-images next to that of held-out faces; `--nn_png` shows them). `--model` also takes a training run directory;
-`--samples_npz` scores images written earlier by `sample.py --save_npz` instead of drawing new ones. The results are printed as a table and
-written as JSON (`--output_json`, default next to the model). A metric that cannot run is reported as failed
-and the others are still computed; the exit status is then 1, as it is for bad flags or missing data.
+`--inception_weights=path.h5`); `face` asks a pretrained face network (MTCNN, whose weights ship in the
+`mtcnn` package, so it works offline) whether the samples hold together as faces (`face_rate`, `face_fd`,
+`face_landmark_fd`, each next to the real faces' value); `nn` is the memorisation check (distance of samples
+to their nearest training images next to that of held-out faces; `--nn_png` shows them). `--model` also takes
+a training run directory; `--samples_npz` scores images written earlier by `sample.py --save_npz` instead of
+drawing new ones. The results are printed as a table and written as JSON (`--output_json`, default next to
+the model). A metric that cannot run is reported as failed and the others are still computed; the exit
+status is then 1, as it is for bad flags or missing data.
 """
 
 import os
@@ -19,14 +22,14 @@ FLAGS = flags.FLAGS
 # The model shipped beside this script, so `python path/to/sample.py` works from any folder.
 SHIPPED_MODEL = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "savedmodel"))
 flags.DEFINE_string("model", SHIPPED_MODEL, "A SavedModel folder (highest version is used) or a training run directory.")
-flags.DEFINE_list("metrics", ["swd", "nll"], "Metrics to compute: swd, fid, kid, nll, nn (nearest training images; fid and kid need InceptionV3 weights).")
+flags.DEFINE_list("metrics", ["swd", "nll"], "Metrics to compute: swd, fid, kid, face, nll, nn (nearest training images; fid and kid need InceptionV3 weights; face uses MTCNN, offline).")
 # Real images
 flags.DEFINE_enum("dataset", None, ["celeba", "celeba_tfds", "fashion_mnist", "cifar10", "synthetic"], "Real images; default: the model's training dataset, else celeba.")
 flags.DEFINE_string("data_dir", None, "CelebA image folder (or its parent; default: the run's, else CELEBA_DIR); TFDS data dir.")
 flags.DEFINE_enum("split", "validation", ["train", "validation", "test"], "Split the real images come from.")
 flags.DEFINE_enum("crop", None, ["celeba64", "center140"], "CelebA crop box; default: the run's, else celeba64.")
 # Samples
-flags.DEFINE_integer("num_images", 2000, "Samples and real images for SWD, FID and KID.")
+flags.DEFINE_integer("num_images", 2000, "Samples and real images for SWD, FID, KID and face.")
 flags.DEFINE_string("samples_npz", None, "Score these images (an .npz from sample.py --save_npz) instead of sampling.")
 flags.DEFINE_enum("sampler", None, ["ddpm", "ddim", "dpm++"], "Sampler; default: the one the model was exported with (ddim for runs).")
 flags.DEFINE_integer("steps", None, "Network evaluations per sample; default 1000 (ddpm), 50 (ddim), 20 (dpm++).")

@@ -58,6 +58,7 @@ flags.DEFINE_integer("sample_steps", 50, "DDIM steps for the sample grids.")
 flags.DEFINE_integer("validation_images", 0, "Held-out images for val_loss each epoch (0 = none).")
 flags.DEFINE_integer("swd_every_epochs", 0, "Log the SWD of EMA samples vs validation images every N epochs and keep best_ema.weights.h5 (0 = off).")
 flags.DEFINE_integer("swd_images", 512, "Samples and validation images per SWD measurement.")
+flags.DEFINE_boolean("monitor_face", False, "With --swd_every_epochs: also log face_rate, face_fd and face_landmark_fd (MTCNN, offline) beside SWD.")
 flags.DEFINE_boolean("export", True, "Export <output_dir>/savedmodel/1 at the end.")
 flags.DEFINE_enum("export_sampler", "ddim", ["ddpm", "ddim", "dpm++"], "The export's default sampler (serving_default).")
 flags.DEFINE_integer("export_steps", 50, "The export's default number of sampling steps.")
@@ -116,6 +117,7 @@ def configs_from_flags():
         validation_images=FLAGS.validation_images,
         swd_every_epochs=FLAGS.swd_every_epochs,
         swd_images=FLAGS.swd_images,
+        monitor_face=FLAGS.monitor_face,
         export=FLAGS.export,
         export_sampler=FLAGS.export_sampler,
         export_steps=FLAGS.export_steps,

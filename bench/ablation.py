@@ -1,4 +1,4 @@
-"""The training ablation: the CPU recipe with one change per arm, the same budget for all, scored by SWD and NLL.
+"""The training ablation: the CPU recipe with one change per arm, the same budget for all, scored by SWD, face and NLL.
 
     python bench/ablation.py --data_dir=../shared/data/celeba --root=$HOME/runs/ablation --train_steps=3000
 
@@ -11,10 +11,11 @@ Arms (each is `train.py --flagfile=flags/celeba32_cpu.flags` plus the flags show
     min_snr         --loss_weighting=min_snr
 
 Every arm trains `--train_steps` steps at the recipe's batch and seed into `<root>/<arm>` (rerunning resumes an
-interrupted arm and skips a finished one), then is scored on its final EMA weights: SWD of `--num_images`
-DDIM-50 samples (eta 1, the shipped model's sampler) against as many held-out faces, and the NLL bound on
-`--nll_images` held-out faces. Prints `key value` lines per arm: `<arm>_swd_mean`, `<arm>_nll_bpd`,
-`<arm>_train_seconds`, and writes `<root>/ablation.json`.
+interrupted arm and skips a finished one), then is scored on its final EMA weights: SWD and the face metric
+(`keras_ddpm.face_metric`) of `--num_images` DDIM-50 samples (eta 1) against as many held-out faces, and the
+NLL bound on `--nll_images` held-out faces. Prints `key value` lines per arm: `<arm>_swd_mean`,
+`<arm>_face_rate`, `<arm>_face_fd`, `<arm>_face_landmark_fd`, `<arm>_nll_bpd`, `<arm>_train_seconds` (and the
+real faces' floor once, as `floor_face_fd` and `floor_face_landmark_fd`), and writes `<root>/ablation.json`.
 """
 
 import argparse
@@ -62,11 +63,17 @@ def main():
     for arm in args.arms:
         run_dir = args.root.expanduser() / arm
         seconds = train_arm(arm, run_dir, args)
-        results = evaluation.evaluate(str(run_dir), data_dir=args.data_dir, metrics="swd,nll", sampler="ddim",
+        results = evaluation.evaluate(str(run_dir), data_dir=args.data_dir, metrics="swd,face,nll", sampler="ddim",
                                       steps=50, eta=1.0, num_images=args.num_images, nll_images=args.nll_images,
                                       batch_size=250, verbose=False)
         summary[arm] = {"flags": ARMS[arm], "train_seconds": seconds, **results["metrics"]}
+        face = results["metrics"]["face"]
+        if arm == args.arms[0]:  # the same held-out and training faces for every arm
+            print(f"floor_face_fd {face['face_fd_real']:.3f}\n"
+                  f"floor_face_landmark_fd {face['face_landmark_fd_real']:.4f}", flush=True)
         print(f"{arm}_swd_mean {results['metrics']['swd']['swd_mean']:.2f}\n"
+              f"{arm}_face_rate {face['face_rate']:.3f}\n{arm}_face_fd {face['face_fd']:.3f}\n"
+              f"{arm}_face_landmark_fd {face['face_landmark_fd']:.4f}\n"
               f"{arm}_nll_bpd {results['metrics']['nll']['bpd']:.3f}\n{arm}_train_seconds {seconds:.0f}", flush=True)
         (args.root.expanduser() / "ablation.json").write_text(json.dumps(
             {"train_steps": args.train_steps, "num_images": args.num_images, "arms": summary}, indent=1) + "\n")

@@ -1,4 +1,4 @@
-"""Sample quality against sampling cost: SWD of one model's samples for several samplers and step counts.
+"""Sample quality against sampling cost: SWD and face metric of one model's samples for several samplers and step counts.
 
     python bench/sampler_sweep.py --model=savedmodel --data_dir=../shared/data/celeba \
         --runs ddim:10 ddim:20 ddim:50 ddim:100 ddim:50:1 dpm++:10 dpm++:20 ddpm:1000 --plot=docs/swd_vs_steps.png
@@ -11,9 +11,12 @@ training faces against the same held-out faces: what a perfect model would score
 Prints `key value` lines, one run at a time:
 
     floor_swd_mean                       real training faces vs the held-out faces
+    floor_face_fd, floor_face_landmark_fd   the same for the face metric (keras_ddpm.face_metric)
+    held_out_face_rate                   share of held-out faces in which MTCNN finds a face
     <run>_swd_mean                       samples vs the held-out faces (x1e3, lower is better); <run> is
                                          e.g. ddim_50 or ddim_50_eta1
     <run>_vs_floor                       swd_mean / floor_swd_mean
+    <run>_face_rate, <run>_face_fd, <run>_face_landmark_fd   the face metric of the samples
     <run>_seconds                        sampling time of the run
     dpm++_20_vs_ddpm_1000                the issue's target: at most 1.10 (when both runs are in the sweep)
 
@@ -28,7 +31,7 @@ import time
 
 import common  # noqa: F401  (puts the repository on sys.path)
 
-from keras_ddpm import metrics, plots
+from keras_ddpm import face_metric, metrics, plots
 from keras_ddpm.data import load_images
 from keras_ddpm.generation import generate_in_batches, load_generator
 
@@ -92,9 +95,13 @@ def main():
     held_out = load_images("celeba", "validation", size, args.num_images, data_dir=args.data_dir, channels=channels)
     train = load_images("celeba", "train", size, len(held_out), data_dir=args.data_dir, channels=channels)
     floor = metrics.sliced_wasserstein_distance(train, held_out)["swd_mean"]
-    print(f"num_images {len(held_out)}\nfloor_swd_mean {floor:.2f}", flush=True)
+    held_out_faces = face_metric.embed_faces(held_out)
+    face_floor = face_metric.compare_embeddings(face_metric.embed_faces(train), held_out_faces)
+    print(f"num_images {len(held_out)}\nfloor_swd_mean {floor:.2f}\nfloor_face_fd {face_floor['face_fd']:.3f}\n"
+          f"floor_face_landmark_fd {face_floor['face_landmark_fd']:.4f}\n"
+          f"held_out_face_rate {held_out_faces.found.mean():.3f}", flush=True)
 
-    results = {}
+    results, face_results = {}, {}
     for sampler, steps, eta in args.runs:
         start = time.perf_counter()
         samples = generate_in_batches(generator, len(held_out), args.batch_size, seed=0, verbose=False,
@@ -103,15 +110,21 @@ def main():
         swd = metrics.sliced_wasserstein_distance(samples, held_out)["swd_mean"]
         results[sampler, steps, eta] = swd
         name = run_name(sampler, steps, eta)
-        print(f"{name}_swd_mean {swd:.2f}\n{name}_vs_floor {swd / floor:.2f}\n{name}_seconds {seconds:.0f}", flush=True)
+        faces = face_metric.embed_faces(samples)
+        face = {"face_rate": float(faces.found.mean()), **face_metric.compare_embeddings(faces, held_out_faces)}
+        face_results[sampler, steps, eta] = face
+        print(f"{name}_swd_mean {swd:.2f}\n{name}_vs_floor {swd / floor:.2f}\n{name}_face_rate {face['face_rate']:.3f}\n"
+              f"{name}_face_fd {face['face_fd']:.3f}\n{name}_face_landmark_fd {face['face_landmark_fd']:.4f}\n"
+              f"{name}_seconds {seconds:.0f}", flush=True)
         if args.grid_dir:
             plots.save_image_grid(args.grid_dir / f"{name}.png", samples[:64])
         if args.plot:  # redrawn after every run, so a long sweep shows its progress
             plot_sweep(results, floor, args.plot)
     if args.json:
-        args.json.write_text(json.dumps({"model": args.model, "num_images": len(held_out), "floor": floor,
-                                         "runs": [{"sampler": sampler, "steps": steps, "eta": eta, "swd_mean": swd}
-                                                  for (sampler, steps, eta), swd in results.items()]}, indent=1) + "\n")
+        args.json.write_text(json.dumps({
+            "model": args.model, "num_images": len(held_out), "floor": floor, "face_floor": face_floor,
+            "runs": [{"sampler": sampler, "steps": steps, "eta": eta, "swd_mean": swd, **face_results[sampler, steps, eta]}
+                     for (sampler, steps, eta), swd in results.items()]}, indent=1) + "\n")
     if ("dpm++", 20, 0.0) in results and ("ddpm", 1000, 0.0) in results:
         print(f"dpm++_20_vs_ddpm_1000 {results['dpm++', 20, 0.0] / results['ddpm', 1000, 0.0]:.3f}")
 

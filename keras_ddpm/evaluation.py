@@ -1,4 +1,4 @@
-"""Evaluate a trained model: SWD, FID and KID of its samples against held-out real images, and the NLL bound.
+"""Evaluate a trained model: SWD, FID, KID and the face metric of its samples against held-out real images, and the NLL bound.
 
 `evaluate()` is what `python evaluate.py` runs:
 
@@ -24,16 +24,16 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from keras_ddpm import __version__, samplers
+from keras_ddpm import __version__, face_metric, samplers
 from keras_ddpm import metrics as metric_functions
 from keras_ddpm.config import read_json
 from keras_ddpm.data import load_images
 from keras_ddpm.generation import generate_in_batches, load_generator, resolve_eta
 from keras_ddpm.model import DiffusionModel
 
-METRICS = ("swd", "fid", "kid", "nll", "nn")
-DEFAULT_METRICS = ("swd", "nll")  # the two that need no downloaded weights
-SAMPLE_METRICS = ("swd", "fid", "kid", "nn")
+METRICS = ("swd", "fid", "kid", "nll", "nn", "face")
+DEFAULT_METRICS = ("swd", "nll")  # the two that need no pretrained weights at all
+SAMPLE_METRICS = ("swd", "fid", "kid", "face", "nn")
 # What a metric may fail with and still let the others run: missing weights or files, unusable inputs.
 METRIC_FAILURES = (RuntimeError, OSError, ValueError)
 
@@ -220,8 +220,9 @@ def evaluate(
         dataset, data_dir, crop: the real images; default: what the model was trained on (run config or
             SavedModel metadata), else CelebA with the `celeba64` crop from `CELEBA_DIR`.
         split: the held-out split the real images come from.
-        metrics: names from `METRICS` (a list or "swd,nll").
-        num_images: samples and real images for SWD, FID and KID.
+        metrics: names from `METRICS` (a list or "swd,nll"); `face` is `keras_ddpm.face_metric.face_report`
+            (MTCNN, weights from the installed `mtcnn` package).
+        num_images: samples and real images for SWD, FID, KID and the face metric.
         sampler, steps, eta: how samples are drawn; default: the SavedModel's own sampler, step count and eta
             (DDIM, 50 steps, eta 0 for a run directory).
         seed: sample i uses seed `seed + i`; also seeds the SWD projections and the NLL's draws.
@@ -289,6 +290,14 @@ def evaluate(
             train_images = load_images(dataset, "train", image_shape[0], nn_train_images, data_dir=data_dir,
                                        crop=crop, channels=image_shape[2])
             results["metrics"]["nn"] = memorisation_check(samples, train_images, real_images[:num_images], nn_png)
+    if "face" in names:
+        _say(verbose, f"Face metric (MTCNN) of {len(samples)} samples, {len(real_images[:num_images])} held-out and as "
+                      f"many training faces (the floor)")
+        with _timed(seconds, "face"), _failures_recorded(failed, "face"):
+            # The floor: as many training faces against the same held-out faces, what a perfect model would score.
+            train_images = load_images(dataset, "train", image_shape[0], len(real_images[:num_images]),
+                                       data_dir=data_dir, crop=crop, channels=image_shape[2])
+            results["metrics"]["face"] = face_metric.face_report(samples, real_images[:num_images], train_images)
 
     if "nll" in names:
         _say(verbose, f"NLL bound on {len(real_images[:nll_images])} real images ({nll_draws + 1} network calls each)")
@@ -394,6 +403,12 @@ def format_table(results: dict) -> str:
         rows.append(("FID", f"{found['fid']['fid']:.2f}"))
     if "kid" in found:
         rows.append(("KID", f"{found['kid']['kid']:.5f} +- {found['kid']['kid_std']:.5f}"))
+    if "face" in found:
+        face = found["face"]
+        rows.append(("Face rate, samples / held-out faces", f"{face['face_rate']:.3f} / {face['face_rate_real']:.3f}"))
+        rows.append(("Face FD (O-Net), samples / real floor", f"{face['face_fd']:.3f} / {face['face_fd_real']:.3f}"))
+        rows.append(("Face landmark FD, samples / real floor",
+                     f"{face['face_landmark_fd']:.4f} / {face['face_landmark_fd_real']:.4f}"))
     if "nn" in found:
         nn = found["nn"]
         rows.append(("NN RMS distance to train, samples", f"median {nn['sample_rms_median']:.1f}, min "

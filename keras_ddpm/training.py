@@ -61,6 +61,7 @@ class TrainConfig:
     validation_images: int = 0
     swd_every_epochs: int = 0
     swd_images: int = 512
+    monitor_face: bool = False
     export: bool = True
     export_sampler: str = "ddim"
     export_steps: int = 50
@@ -228,13 +229,13 @@ def train(model_config: ModelConfig, train_config: TrainConfig, output_dir):
                                   data_dir=cfg.data_dir, crop=cfg.crop, channels=model_config.channels)
         swd_monitor = [run_callbacks.SWDMonitor(
             real_images, cfg.swd_every_epochs, output_dir / "best_ema.weights.h5", steps=cfg.sample_steps,
-            eta=cfg.export_eta, batch_size=cfg.batch_size, seed=cfg.seed,
+            eta=cfg.export_eta, batch_size=cfg.batch_size, seed=cfg.seed, face=cfg.monitor_face,
         )]
     callbacks = [
         run_callbacks.RunProgress(cfg.steps_per_epoch, cfg.batch_size),
         guard,
         run_callbacks.Checkpoint(manager, epochs_done),
-        *swd_monitor,  # before CSVLogger and TensorBoard, which log its `swd`
+        *swd_monitor,  # before CSVLogger and TensorBoard, which log its `swd` (and face metrics)
         keras.callbacks.CSVLogger(str(output_dir / "log.csv"), append=True),
         run_callbacks.LossCurve(output_dir / "log.csv", output_dir / "loss.png"),
         keras.callbacks.TensorBoard(str(output_dir / "tensorboard"), write_graph=False),
