@@ -117,9 +117,30 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     raise ValueError(f"Unknown strategy {name!r}; choose one of {STRATEGIES}.")
 
 
+class GlobalClipAdam(keras.optimizers.Adam):
+    """Adam whose `global_clipnorm` bounds the gradient of the global batch under any tf.distribute strategy.
+
+    Keras 3.15 clips in `apply()`, before `_backend_update_step` sums the replicas' gradients, so with N
+    replicas `global_clipnorm` bounds each replica's share, and a clipped step differs from the same step on
+    one device. This optimizer clips after the sum; on one device nothing changes. (Only `global_clipnorm`
+    moves; `make_optimizer` sets no other clipping.)
+    """
+
+    def _clip_gradients(self, grads):
+        return grads if self.global_clipnorm else super()._clip_gradients(grads)
+
+    def _all_reduce_sum_gradients(self, grads_and_vars):
+        grads_and_vars = super()._all_reduce_sum_gradients(grads_and_vars)
+        if not self.global_clipnorm:
+            return grads_and_vars
+        gradients, variables = zip(*grads_and_vars)
+        clipped, _ = tf.clip_by_global_norm(list(gradients), self.global_clipnorm)
+        return list(zip(clipped, variables))
+
+
 def make_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
     """Adam with linear warm-up, optional decoupled weight decay and global-norm gradient clipping."""
-    return keras.optimizers.Adam(
+    return GlobalClipAdam(
         learning_rate=LinearWarmup(config.learning_rate, config.warmup_steps),
         weight_decay=config.weight_decay or None,
         global_clipnorm=config.clipnorm or None,
