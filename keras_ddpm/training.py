@@ -19,6 +19,7 @@ optimizer state.
 import dataclasses
 import logging
 import math
+import os
 import pathlib
 import shutil
 
@@ -110,7 +111,8 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "tpu":
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+        # TPU_NAME names a TPU node; without it, the TPU attached to this TPU VM ("local").
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=os.environ.get("TPU_NAME", "local"))
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver)
