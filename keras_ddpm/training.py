@@ -10,6 +10,7 @@ Layout of a run directory:
     best_ema.weights.h5  EMA weights with the lowest SWD so far, and best_ema.json (with --swd_every_epochs)
     tensorboard/         scalars and sample images
     savedmodel/1/        the exported EMA model (written when training finishes)
+    workertemp_*/        a multi-worker run's non-chief copies, deleted when training ends (see worker_directory)
 
 A Keras "epoch" here is `steps_per_epoch` optimizer steps and ends with a checkpoint, so a killed run
 restarted with the same command resumes at the last finished epoch with the same step count, EMA and
@@ -219,6 +220,9 @@ def train(model_config: ModelConfig, train_config: TrainConfig, output_dir):
     """
     cfg = train_config
     strategy = make_strategy(cfg.strategy)  # first: a multi-worker strategy must precede any TensorFlow work
+    if cfg.batch_size % strategy.num_replicas_in_sync:
+        raise ValueError(f"--batch_size={cfg.batch_size} (the global batch) must be a multiple of the "
+                         f"{strategy.num_replicas_in_sync} replicas, so that each gets the same number of images.")
     keras.mixed_precision.set_dtype_policy(resolve_precision(cfg.precision))
     keras.utils.set_random_seed(cfg.seed)
     run_dir = pathlib.Path(output_dir)
