@@ -241,7 +241,7 @@ class SWDMonitor(keras.callbacks.Callback):
         partial = self.best_weights_path.with_name("partial." + self.best_weights_path.name)
         self.model.ema_network.save_weights(partial)
         partial.replace(self.best_weights_path)
-        record = {"swd": swd, "epoch": epoch + 1, "step": int(self.model.optimizer.iterations)}
+        record = {"swd": swd, "epoch": epoch + 1, "step": int(self.model.optimizer.iterations.numpy())}
         partial_record = self.best_record_path.with_name(self.best_record_path.name + ".partial")
         partial_record.write_text(json.dumps(record) + "\n")
         partial_record.replace(self.best_record_path)

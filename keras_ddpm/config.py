@@ -35,8 +35,11 @@ class ModelConfig:
     ema_decay: float = 0.9999
     label_dropout: float = 0.1
 
-    def build(self) -> DiffusionModel:
-        """A fresh `DiffusionModel` (build it inside a `tf.distribute` scope to place its variables there)."""
+    def build(self, seed: int | None = None) -> DiffusionModel:
+        """A fresh `DiffusionModel` (build it inside a `tf.distribute` scope to place its variables there).
+
+        `seed` seeds its training draws (see `DiffusionModel`); every worker of a multi-worker run passes the same.
+        """
         network = build_unet(
             image_size=self.image_size,
             channels=self.channels,
@@ -57,6 +60,7 @@ class ModelConfig:
             loss_weighting=self.loss_weighting,
             ema_decay=self.ema_decay,
             label_dropout=self.label_dropout,
+            seed=seed,
         )
 
     def to_dict(self) -> dict:

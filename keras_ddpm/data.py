@@ -267,7 +267,24 @@ def make_dataset(
         images = tf.cast(images, tf.float32) / 127.5 - 1.0
         return (images, labels) if with_labels else images
 
-    return batches.enumerate().map(finish_batch, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    batches = batches.enumerate().map(finish_batch, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    return batches.with_options(_sharding_options(name))
+
+
+def _sharding_options(name: DatasetName) -> tf.data.Options:
+    """How tf.distribute splits the pipeline between workers, so that they never train on the same images.
+
+    TFDS datasets are read from TFRecord files, so each worker reads its own files (FILE, the AUTO policy's
+    choice). Image folders and synthetic shapes are sharded by DATA: every worker runs the same pipeline
+    and keeps its own part of each global batch. (The folder's files are read by `tf.io.read_file` inside a
+    map, which FILE sharding cannot see.) DATA also keeps the stream of global batches that of a one-process
+    run, so a run on several workers trains on the same images as one on a single machine.
+    """
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.AUTO if name in _TFDS_NAMES else tf.data.experimental.AutoShardPolicy.DATA
+    )
+    return options
 
 
 def load_images(

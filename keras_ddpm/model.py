@@ -35,6 +35,8 @@ class DiffusionModel(keras.Model):
         min_snr_gamma: gamma of min-SNR weighting.
         ema_decay: the EMA's decay; the update after optimizer step n uses min(ema_decay, (1 + n) / (10 + n)).
         label_dropout: probability of training a conditional model on the null label.
+        seed: seeds the training draws (timesteps, noise, label dropout) of `train_step`; default: drawn from
+            NumPy's global generator, which `keras.utils.set_random_seed` seeds.
 
     Example:
     >>> from keras_ddpm.unet import build_unet
@@ -54,6 +56,7 @@ class DiffusionModel(keras.Model):
         min_snr_gamma: float = 5.0,
         ema_decay: float = 0.999,
         label_dropout: float = 0.1,
+        seed: int | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -70,6 +73,7 @@ class DiffusionModel(keras.Model):
         self.min_snr_gamma = min_snr_gamma
         self.ema_decay = ema_decay
         self.label_dropout = label_dropout
+        self.seed = int(np.random.randint(2**31)) if seed is None else int(seed)
         self.ema_network = keras.models.clone_model(network)
         self.ema_network.set_weights(network.get_weights())
         self.ema_network.trainable = False
@@ -109,25 +113,58 @@ class DiffusionModel(keras.Model):
             labels = None
         return tf.cast(images, tf.float32), labels
 
-    def diffusion_loss(self, network, images, labels, training):
-        """The per-batch training objective: E_t,noise [ w(t) ||target - network(x_t, t)||^2 ]."""
+    def diffusion_loss(self, network, images, labels, training, draws=None):
+        """The per-batch training objective: E_t,noise [ w(t) ||target - network(x_t, t)||^2 ].
+
+        `draws` is `(timesteps, noises, label_coins)` from `training_draws`; by default they are drawn afresh.
+        """
         batch_size = tf.shape(images)[0]
-        timesteps = tf.random.uniform([batch_size], 0, self.schedule.num_timesteps, dtype=tf.int32)
-        noises = tf.random.normal(tf.shape(images))
+        if draws is None:
+            draws = (
+                tf.random.uniform([batch_size], 0, self.schedule.num_timesteps, dtype=tf.int32),
+                tf.random.normal(tf.shape(images)),
+                tf.random.uniform([batch_size]),
+            )
+        timesteps, noises, label_coins = draws
         noisy_images = self.schedule.q_sample(images, timesteps, noises)
         inputs = [noisy_images, timesteps]
         if labels is not None:
-            inputs.append(self._drop_labels(labels) if training else tf.cast(labels, tf.int32))
+            inputs.append(self._drop_labels(labels, label_coins) if training else tf.cast(labels, tf.int32))
         prediction = network(inputs, training=training)
         target = noises if self.objective == "epsilon" else self.schedule.velocity(images, timesteps, noises)
         per_image_error = tf.reduce_mean(tf.square(target - prediction), axis=[1, 2, 3])
         return tf.reduce_mean(self._loss_weights(timesteps) * per_image_error)
 
-    def _drop_labels(self, labels):
+    def _drop_labels(self, labels, coins):
         """Replace each label by the null label with probability `label_dropout` (classifier-free guidance)."""
-        labels = tf.cast(labels, tf.int32)
-        dropped = tf.random.uniform(tf.shape(labels)) < self.label_dropout
-        return tf.where(dropped, self.num_classes, labels)
+        return tf.where(coins < self.label_dropout, self.num_classes, tf.cast(labels, tf.int32))
+
+    def training_draws(self, images):
+        """Timesteps, noise and label-dropout coins for the images of this replica's part of the batch.
+
+        Every draw is a function of (seed, optimizer step, the image's place in the global batch) alone. Under
+        tf.distribute all replicas run the same program with the same seeds, so draws keyed by anything less
+        would repeat across workers; keyed like this, each image gets its own draw, the same one whatever the
+        number of replicas or workers, and a resumed run draws what the uninterrupted run would have drawn.
+        Replica r holds images [r * B, (r + 1) * B) of the global batch (how tf.distribute splits a batch).
+        """
+        local_batch = tf.shape(images)[0]
+        replica_context = tf.distribute.get_replica_context()
+        replica_id = replica_context.replica_id_in_sync_group if replica_context else 0
+        num_replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        places = tf.cast(replica_id * local_batch + tf.range(local_batch), tf.int64)
+        step = tf.cast(self.optimizer.iterations, tf.int64)
+        step_keys = tf.random.experimental.stateless_split(tf.stack([tf.constant(self.seed, tf.int64), step]), 2)
+
+        def mine(values):  # a global-batch draw cut to this replica's images: cheap for scalars per image
+            return tf.gather(values, places)
+
+        global_batch = [local_batch * num_replicas]
+        timesteps = mine(tf.random.stateless_uniform(
+            global_batch, step_keys[0], 0, self.schedule.num_timesteps, dtype=tf.int32))
+        label_coins = mine(tf.random.stateless_uniform(global_batch, step_keys[1]))
+        noises = samplers.per_image_noise(places + ((self.seed % 2**31) << 32), step, self.image_shape)
+        return timesteps, noises, label_coins
 
     def _loss_weights(self, timesteps):
         """min-SNR-gamma weights (Hang et al. 2023, Eq. 8) expressed for the chosen objective; 1 otherwise."""
@@ -142,7 +179,7 @@ class DiffusionModel(keras.Model):
     def train_step(self, data):
         images, labels = self._split_batch(data)
         with tf.GradientTape() as tape:
-            loss = self.diffusion_loss(self.network, images, labels, training=True)
+            loss = self.diffusion_loss(self.network, images, labels, training=True, draws=self.training_draws(images))
             # Gradients are summed over replicas, so each replica contributes its share of the mean.
             replica_loss = loss / tf.distribute.get_strategy().num_replicas_in_sync
             scaled_loss = self.optimizer.scale_loss(replica_loss)
@@ -151,13 +188,13 @@ class DiffusionModel(keras.Model):
         self.optimizer.apply(gradients, trainable_weights)
         self._update_ema()
         self.loss_tracker.update_state(loss)
-        return {"loss": self.loss_tracker.result()}
+        return step_logs([self.loss_tracker])
 
     def test_step(self, data):
         images, labels = self._split_batch(data)
         self.loss_tracker.update_state(self.diffusion_loss(self.network, images, labels, training=False))
         self.ema_loss_tracker.update_state(self.diffusion_loss(self.ema_network, images, labels, training=False))
-        return {m.name: m.result() for m in self.metrics}
+        return step_logs(self.metrics)
 
     def _update_ema(self):
         """ema <- decay * ema + (1 - decay) * weights, with the warm-up decay of tf.train.ExponentialMovingAverage.
@@ -277,6 +314,7 @@ class DiffusionModel(keras.Model):
             "min_snr_gamma": self.min_snr_gamma,
             "ema_decay": self.ema_decay,
             "label_dropout": self.label_dropout,
+            "seed": self.seed,
         }
 
     @classmethod
@@ -285,6 +323,20 @@ class DiffusionModel(keras.Model):
         config["network"] = keras.saving.deserialize_keras_object(config["network"])
         config["schedule"] = NoiseSchedule.from_config(config["schedule"])
         return cls(**config)
+
+
+def step_logs(metrics) -> dict:
+    """`{name: result}` of a train or test step, with a length-1 axis under a multi-worker strategy.
+
+    Keras 3.15 averages a step's outputs over workers with `strategy.reduce(MEAN, value, axis=0)` (same test as
+    here), which fails on scalars. Metric variables sum their updates over replicas, so every replica holds the
+    same result and the mean of [result] is the result: the logs still get scalars.
+    """
+    logs = {metric.name: metric.result() for metric in metrics}
+    strategy = tf.distribute.get_strategy()
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and strategy.extended._in_multi_worker_mode():
+        logs = {name: value[tf.newaxis] for name, value in logs.items()}
+    return logs
 
 
 def check_request(num_images, seed, seeds, steps, sampler, eta, labels, num_classes, num_timesteps):

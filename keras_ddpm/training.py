@@ -10,6 +10,7 @@ Layout of a run directory:
     best_ema.weights.h5  EMA weights with the lowest SWD so far, and best_ema.json (with --swd_every_epochs)
     tensorboard/         scalars and sample images
     savedmodel/1/        the exported EMA model (written when training finishes)
+    workertemp_*/        a multi-worker run's non-chief copies, deleted when training ends (see worker_directory)
 
 A Keras "epoch" here is `steps_per_epoch` optimizer steps and ends with a checkpoint, so a killed run
 restarted with the same command resumes at the last finished epoch with the same step count, EMA and
@@ -19,7 +20,9 @@ optimizer state.
 import dataclasses
 import logging
 import math
+import os
 import pathlib
+import shutil
 
 import keras
 import tensorflow as tf
@@ -122,7 +125,13 @@ def resolve_precision(precision: str, cpuinfo_path="/proc/cpuinfo") -> tuple[str
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy:
-    """A tf.distribute strategy by name; `auto` mirrors over several GPUs and uses one device otherwise."""
+    """A tf.distribute strategy by name; `auto` mirrors over several GPUs and uses one device otherwise.
+
+    `multi_worker` must come before anything initialises TensorFlow's runtime (listing logical devices does):
+    it configures the collective ops, which is only possible at program start-up.
+    """
+    if name == "multi_worker":  # the cluster comes from the TF_CONFIG environment variable
+        return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")
     if name == "auto":
         name = "mirrored" if len(gpus) > 1 else "one_device"
@@ -130,19 +139,39 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
         return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
-    if name == "multi_worker":  # the cluster comes from the TF_CONFIG environment variable
-        return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "tpu":
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+        # TPU_NAME names a TPU node; without it, the TPU attached to this TPU VM ("local").
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=os.environ.get("TPU_NAME", "local"))
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver)
     raise ValueError(f"Unknown strategy {name!r}; choose one of {STRATEGIES}.")
 
 
+class GlobalClipAdam(keras.optimizers.Adam):
+    """Adam whose `global_clipnorm` bounds the gradient of the global batch under any tf.distribute strategy.
+
+    Keras 3.15 clips in `apply()`, before `_backend_update_step` sums the replicas' gradients, so with N
+    replicas `global_clipnorm` bounds each replica's share, and a clipped step differs from the same step on
+    one device. This optimizer clips after the sum; on one device nothing changes. (Only `global_clipnorm`
+    moves; `make_optimizer` sets no other clipping.)
+    """
+
+    def _clip_gradients(self, grads):
+        return grads if self.global_clipnorm else super()._clip_gradients(grads)
+
+    def _all_reduce_sum_gradients(self, grads_and_vars):
+        grads_and_vars = super()._all_reduce_sum_gradients(grads_and_vars)
+        if not self.global_clipnorm:
+            return grads_and_vars
+        gradients, variables = zip(*grads_and_vars)
+        clipped, _ = tf.clip_by_global_norm(list(gradients), self.global_clipnorm)
+        return list(zip(clipped, variables))
+
+
 def make_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
     """Adam with linear warm-up, optional decoupled weight decay and global-norm gradient clipping."""
-    return keras.optimizers.Adam(
+    return GlobalClipAdam(
         learning_rate=LinearWarmup(config.learning_rate, config.warmup_steps),
         weight_decay=config.weight_decay or None,
         global_clipnorm=config.clipnorm or None,
@@ -169,24 +198,44 @@ def prepare_run_directory(output_dir, model_config: ModelConfig, train_config: T
     return output_dir
 
 
-def restore_checkpoint(output_dir, model, keep: int = 3):
-    """Build the checkpoint and its manager and restore the latest one; returns (manager, finished_epochs)."""
+def worker_directory(run_dir, strategy: tf.distribute.Strategy) -> pathlib.Path:
+    """Where this process writes: the run directory on the chief, a temporary `workertemp_*` folder in it elsewhere.
+
+    Under MultiWorkerMirroredStrategy every worker runs the whole program, saves included (saving may involve
+    collective ops, says the tf.distribute multi-worker guide), but only the chief's files are kept: the other
+    workers write into a folder of their own, which `train()` deletes at the end and a restarted worker clears.
+    """
+    if strategy.extended.should_checkpoint:
+        return pathlib.Path(run_dir)
+    resolver = strategy.cluster_resolver
+    folder = pathlib.Path(run_dir) / f"workertemp_{resolver.task_type}_{resolver.task_id}"
+    shutil.rmtree(folder, ignore_errors=True)
+    return folder
+
+
+def restore_checkpoint(output_dir, model, keep: int = 3, restore_dir=None):
+    """Build the checkpoint and its manager and restore the latest one; returns (manager, finished_epochs).
+
+    The manager saves into `output_dir`; the checkpoint restored is the latest of `restore_dir` (default
+    `output_dir`): the chief's run directory, for a worker that writes into a `worker_directory` of its own.
+    """
     epochs_done = tf.Variable(0, dtype=tf.int64, trainable=False, name="epochs_done")
     checkpoint = tf.train.Checkpoint(
         network=model.network, ema_network=model.ema_network, optimizer=model.optimizer, epochs_done=epochs_done
     )
     manager = tf.train.CheckpointManager(checkpoint, pathlib.Path(output_dir) / "checkpoints", max_to_keep=keep)
-    if manager.latest_checkpoint:
+    latest_checkpoint = tf.train.latest_checkpoint(str(pathlib.Path(restore_dir or output_dir) / "checkpoints"))
+    if latest_checkpoint:
         # Create the optimizer's slots first so that they are restored now, not deferred.
         model.optimizer.build(model.network.trainable_variables)
         try:
-            checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+            checkpoint.restore(latest_checkpoint).assert_existing_objects_matched()
         except (AssertionError, ValueError, tf.errors.OpError) as error:
             raise ValueError(
-                f"The checkpoint {manager.latest_checkpoint} does not fit this model ({str(error).splitlines()[0]}). "
+                f"The checkpoint {latest_checkpoint} does not fit this model ({str(error).splitlines()[0]}). "
                 "It was probably written by a different architecture; use a new --output_dir."
             ) from error
-        logger.info("Resumed from %s (epoch %d).", manager.latest_checkpoint, int(epochs_done))
+        logger.info("Resumed from %s (epoch %d).", latest_checkpoint, int(epochs_done.numpy()))
     return manager, epochs_done
 
 
@@ -198,12 +247,16 @@ def train(model_config: ModelConfig, train_config: TrainConfig, output_dir):
         TrainingDiverged: the loss became NaN or infinite.
     """
     cfg = train_config
+    strategy = make_strategy(cfg.strategy)  # first: a multi-worker strategy must precede any TensorFlow work
+    if cfg.batch_size % strategy.num_replicas_in_sync:
+        raise ValueError(f"--batch_size={cfg.batch_size} (the global batch) must be a multiple of the "
+                         f"{strategy.num_replicas_in_sync} replicas, so that each gets the same number of images.")
     precision, reason = resolve_precision(cfg.precision)
     logger.info("Precision: %s (%s).", precision, reason)
     keras.mixed_precision.set_dtype_policy(precision)
     keras.utils.set_random_seed(cfg.seed)
-    strategy = make_strategy(cfg.strategy)
-    output_dir = prepare_run_directory(output_dir, model_config, cfg)
+    run_dir = pathlib.Path(output_dir)
+    output_dir = prepare_run_directory(worker_directory(run_dir, strategy), model_config, cfg)
     dataset = make_dataset(
         cfg.dataset, "train", model_config.image_size, cfg.batch_size, data_dir=cfg.data_dir, crop=cfg.crop,
         with_labels=model_config.num_classes > 0, cache=cfg.cache, seed=cfg.seed, channels=model_config.channels,
@@ -217,9 +270,9 @@ def train(model_config: ModelConfig, train_config: TrainConfig, output_dir):
         )
 
     with strategy.scope():
-        model = model_config.build()
+        model = model_config.build(seed=cfg.seed)
         model.compile(optimizer=make_optimizer(cfg), jit_compile=cfg.jit_compile)
-        manager, epochs_done = restore_checkpoint(output_dir, model, cfg.keep_checkpoints)
+        manager, epochs_done = restore_checkpoint(output_dir, model, cfg.keep_checkpoints, restore_dir=run_dir)
 
     total_epochs = math.ceil(cfg.train_steps / cfg.steps_per_epoch)
     guard = run_callbacks.NaNGuard()
@@ -244,19 +297,21 @@ def train(model_config: ModelConfig, train_config: TrainConfig, output_dir):
             steps=cfg.sample_steps, eta=cfg.export_eta, log_dir=output_dir / "tensorboard" / "samples", seed=cfg.seed,
         ),
     ]
-    if int(epochs_done) < total_epochs:
+    if int(epochs_done.numpy()) < total_epochs:
         model.fit(
-            dataset, epochs=total_epochs, initial_epoch=int(epochs_done), steps_per_epoch=cfg.steps_per_epoch,
+            dataset, epochs=total_epochs, initial_epoch=int(epochs_done.numpy()), steps_per_epoch=cfg.steps_per_epoch,
             validation_data=validation, callbacks=callbacks, verbose=cfg.verbose,
         )
     if guard.bad_batch is not None:
         raise run_callbacks.TrainingDiverged(
-            f"The loss became NaN or infinite in epoch {int(epochs_done) + 1}, batch {guard.bad_batch}. "
+            f"The loss became NaN or infinite in epoch {int(epochs_done.numpy()) + 1}, batch {guard.bad_batch}. "
             f"The last good checkpoint is kept in {output_dir / 'checkpoints'}; lower --learning_rate, "
             "set --clipnorm, or use --precision=float32."
         )
     if cfg.export:
         export_run(model, output_dir, model_config, cfg)
+    if not strategy.extended.should_checkpoint:  # a worker's temporary folder (see worker_directory)
+        shutil.rmtree(output_dir, ignore_errors=True)
     return model
 
 
@@ -266,7 +321,7 @@ def export_run(model, output_dir, model_config: ModelConfig, train_config: Train
 
     metadata = {
         "dataset": train_config.dataset,
-        "training_steps": int(model.optimizer.iterations),
+        "training_steps": int(model.optimizer.iterations.numpy()),  # (int() fails on a distributed variable)
         "model_config": model_config.to_dict(),
     }
     return export_savedmodel(model, pathlib.Path(output_dir) / "savedmodel", version=1,
