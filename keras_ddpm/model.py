@@ -176,6 +176,16 @@ class DiffusionModel(keras.Model):
         # x0-space weight min(SNR, gamma) becomes min(SNR, gamma) / SNR or min(SNR, gamma) / (SNR + 1).
         return clipped_snr / snr if self.objective == "epsilon" else clipped_snr / (snr + 1.0)
 
+    def compile(self, *args, **kwargs):
+        """`keras.Model.compile`, then the optimizer's slots for the network's weights.
+
+        Built here, before the first train step, the slots make TensorFlow trace that step once. Built inside
+        it, as Keras otherwise does, they are variables created in a `tf.function`, which traces it twice.
+        """
+        super().compile(*args, **kwargs)
+        if not self.optimizer.built:
+            self.optimizer.build(self.network.trainable_variables)
+
     def train_step(self, data):
         images, labels = self._split_batch(data)
         with tf.GradientTape() as tape:
@@ -199,12 +209,17 @@ class DiffusionModel(keras.Model):
     def _update_ema(self):
         """ema <- decay * ema + (1 - decay) * weights, with the warm-up decay of tf.train.ExponentialMovingAverage.
 
-        Under a tf.distribute strategy the update runs once per variable in cross-replica context (like the
-        optimizer's own updates), so mirrored EMA variables stay in sync.
+        Under a strategy that mirrors variables the update runs once per variable in cross-replica context (like
+        the optimizer's own updates), so mirrored EMA variables stay in sync. With plain variables (no strategy, or
+        one device) each EMA variable is assigned directly: the same arithmetic, and a quarter of the tracing time.
         """
         num_updates = tf.cast(self.optimizer.iterations, tf.float32)
         decay = tf.minimum(self.ema_decay, (1.0 + num_updates) / (10.0 + num_updates))
         pairs = [(ema.value, weight.value) for ema, weight in zip(self.ema_network.weights, self.network.weights)]
+        if not isinstance(pairs[0][0], tf.distribute.DistributedValues):
+            for ema_variable, variable in pairs:
+                ema_variable.assign(decay * ema_variable + (1.0 - decay) * variable)
+            return
 
         def update(distribution, pairs):
             for ema_variable, variable in pairs:
