@@ -7,6 +7,7 @@ often the CNN sees the requested shape. Chance is 1/4; a model that ignored its 
 
 import keras
 import numpy as np
+import pytest
 
 from keras_ddpm.data import SYNTHETIC_SHAPES, make_dataset
 from keras_ddpm.model import DiffusionModel
@@ -53,6 +54,7 @@ def conditional_model(images, labels) -> DiffusionModel:
     return model
 
 
+@pytest.mark.slow  # trains a conditional model and a checker CNN: minutes on a CPU
 def test_guided_samples_show_the_requested_shape():
     train_images, train_labels = labelled_shapes("train", 4096)
     test_images, test_labels = labelled_shapes("test", 512)
