@@ -253,7 +253,8 @@ class DiffusionModel(keras.Model):
         """
         sampler = sampler or "ddim"
         seeds, steps, labels = check_request(
-            num_images, seed, seeds, steps, sampler, eta, labels, self.num_classes, self.schedule.num_timesteps
+            num_images, seed, seeds, steps, sampler, eta, labels, self.num_classes, self.schedule.num_timesteps,
+            guidance,
         )
         sample = self.sample_function(sampler, spacing, return_trajectory, use_ema)
         result = sample(
@@ -287,7 +288,7 @@ class DiffusionModel(keras.Model):
         return cls(**config)
 
 
-def check_request(num_images, seed, seeds, steps, sampler, eta, labels, num_classes, num_timesteps):
+def check_request(num_images, seed, seeds, steps, sampler, eta, labels, num_classes, num_timesteps, guidance=1.0):
     """Validate the arguments of a `generate()` call; returns (seeds int64 [N], steps, labels int32 [N]).
 
     Shared by `DiffusionModel.generate` and the SavedModel generator so both accept and refuse the same requests.
@@ -309,6 +310,8 @@ def check_request(num_images, seed, seeds, steps, sampler, eta, labels, num_clas
     if not num_classes:
         if labels is not None:
             raise ValueError("This model is unconditional; do not pass labels.")
+        if guidance != 1.0:
+            raise ValueError(f"guidance needs a conditional model; this one is unconditional (got guidance={guidance}).")
         return seeds, steps, np.zeros([len(seeds)], np.int32)
     if labels is None:
         raise ValueError(
