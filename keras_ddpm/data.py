@@ -513,11 +513,17 @@ def _find_partition_file(folder: pathlib.Path, data_dir: pathlib.Path) -> pathli
 def _read_partition_file(path: str) -> dict[str, int]:
     """`{file name: 0 train / 1 validation / 2 test}` from the official .txt or the Kaggle .csv."""
     partition = {}
-    with open(path) as lines:
-        for line in lines:
-            fields = line.replace(",", " ").split()
-            if len(fields) == 2 and fields[1] in ("0", "1", "2"):  # skips the Kaggle header line
-                partition[fields[0]] = int(fields[1])
+    try:
+        with open(path) as lines:
+            for line in lines:
+                fields = line.replace(",", " ").split()
+                if len(fields) == 2 and fields[1] in ("0", "1", "2"):  # skips the Kaggle header line
+                    partition[fields[0]] = int(fields[1])
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"{path} is not a text file: expected lines '<image file> <0|1|2>' as in CelebA's "
+            "list_eval_partition.txt. Replace it with the official file, or remove it to hold out images by hash."
+        ) from None
     return partition
 
 
