@@ -107,6 +107,15 @@ def check_writable(folder) -> pathlib.Path:
     return folder
 
 
+def check_output_file(path) -> pathlib.Path:
+    """`check_writable` for a file about to be written: it must not be a folder, and its folder must be writable."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give the path of a file to write, e.g. {path / 'grid.png'}.")
+    check_writable(path.parent)
+    return path
+
+
 def save_npz(path, **arrays) -> pathlib.Path:
     """`np.savez_compressed`, atomically (a crash leaves no half-written file)."""
     path = pathlib.Path(path)

@@ -177,6 +177,13 @@ def test_corrupt_files_are_skipped_counted_and_reported_once(tmp_path, caplog):
         assert name in reports[0]
 
 
+def test_a_binary_partition_file_is_named_in_the_error(tmp_path):
+    flat_images_folder(tmp_path / "img_align_celeba", 2)
+    (tmp_path / "list_eval_partition.txt").write_bytes(bytes(range(128, 256)))
+    with pytest.raises(ValueError, match="list_eval_partition.txt is not a text file"):
+        data.make_dataset("celeba", data_dir=tmp_path)
+
+
 def test_missing_or_empty_folder_says_where_and_how_to_get_celeba(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"(?s)nowhere.*img_align_celeba\.zip"):
         data.make_dataset("celeba", data_dir=tmp_path / "nowhere")

@@ -111,6 +111,7 @@ def test_sigkill_then_resume_continues_the_same_run(tmp_path):
     result = run_script("train.py", *args[:2], f"--train_steps={end_step}", "--steps_per_epoch=3",
                         "--validation_images=0", "--sample_every_epochs=1000", "--export=false")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Finished" in result.stdout and "savedmodel" not in result.stdout  # --export=false
     steps = [int(row["step"]) for row in log_rows(tmp_path)]
     assert steps == list(range(5, saved_step + 1, 5)) + [saved_step + 3, end_step]
     assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith(f"ckpt-{end_step}")
@@ -171,6 +172,14 @@ def test_mirrored_strategy_matches_one_device():
         ("train.py", ["--flagfile=flags/smoke.flags", "--output_dir=/proc/forbidden"], "Cannot write"),
         ("sample.py", ["--model=/nonexistent/model"], "No model at"),
         ("sample.py", ["--model=tests"], "not a SavedModel"),
+        ("train.py", ["--flagfile=flags/smoke.flags", "--steps_per_epoch=0", "--output_dir={tmp}/run"],
+         "steps_per_epoch must be at least 1"),
+        ("train.py", ["--flagfile=flags/smoke.flags", "--train_steps=0", "--output_dir={tmp}/run"],
+         "train_steps must be at least 1"),
+        ("sample.py", ["--num_images=0", "--output={tmp}/grid.png"], "num_images and batch_size must be at least 1"),
+        ("sample.py", ["--batch_size=0", "--output={tmp}/grid.png"], "num_images and batch_size must be at least 1"),
+        ("sample.py", ["--guidance=3", "--output={tmp}/grid.png"], "guidance needs a conditional model"),
+        ("sample.py", ["--output={tmp}"], "is a folder"),
     ],
 )
 def test_errors_are_one_clear_line_and_a_failing_exit_code(script, args, message, tmp_path):
@@ -178,6 +187,7 @@ def test_errors_are_one_clear_line_and_a_failing_exit_code(script, args, message
     assert result.returncode == 1
     assert message.lower() in result.stderr.lower()
     assert "Traceback" not in result.stderr
+    assert not list(tmp_path.rglob("config.json")) and not list(tmp_path.glob("*.partial"))  # nothing half-written
 
 
 def test_a_bad_model_config_writes_nothing_that_blocks_the_corrected_rerun(tmp_path):
