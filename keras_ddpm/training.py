@@ -275,9 +275,9 @@ def trim_log(log_path, last_step: int) -> None:
     lines = log_path.read_text().splitlines(keepends=True)
     complete = [line for line in lines if line.endswith("\n")]
     rows = list(csv.DictReader(complete))
-    kept = [line for line, row in zip(complete[1:], rows) if row.get("step", "").isdigit()
+    kept = [line for line, row in zip(complete[1:], rows) if (row.get("step") or "").isdigit()
             and int(row["step"]) <= last_step]
-    if kept == complete[1:]:
+    if kept == complete[1:] and len(complete) == len(lines):
         return
     if kept:
         partial = log_path.with_name(log_path.name + ".partial")
@@ -352,20 +352,20 @@ def train(model_config: ModelConfig, train_config: TrainConfig, output_dir):
             steps_per_epoch=cfg.steps_per_epoch, validation_data=validation, callbacks=callbacks, verbose=cfg.verbose,
         )
     if guard.diverged_at is not None or checkpoints.refused:
-        raise run_callbacks.TrainingDiverged(divergence_message(manager, start_step, checkpoints.saved, guard, checkpoints))
+        raise run_callbacks.TrainingDiverged(divergence_message(manager, start_step, guard, checkpoints))
     if cfg.export:
         export_run(model, output_dir, model_config, cfg)
     return model
 
 
-def divergence_message(manager, start_step: int, saved: int, guard, checkpoints) -> str:
+def divergence_message(manager, start_step: int, guard, checkpoints) -> str:
     """What diverged, what is kept, and the ways on: lower the learning rate or step back a checkpoint."""
     what = (f"The loss diverged (NaN, infinite or above {run_callbacks.DIVERGED_LOSS:g}) at step {guard.diverged_at}"
             if guard.diverged_at is not None else f"The weights diverged ({checkpoints.refused})")
     steps = [int(pathlib.Path(path).name.removeprefix("ckpt-")) for path in manager.checkpoints]
     kept = f"Checkpoints kept in {manager.directory} (steps {', '.join(map(str, steps))})" if steps else "No checkpoint"
     message = f"{what}; nothing after the last good weights was saved. {kept}. "
-    if start_step and not saved and len(steps) > 1:
+    if start_step and not checkpoints.saved and len(steps) > 1:
         message += (f"It diverged right after resuming from step {start_step}: if that checkpoint is to blame, "
                     f"step back with --restore_checkpoint={steps[-2]} (newer checkpoints are then deleted); ")
     return message + "lower --learning_rate, set --clipnorm, or use --precision=float32."

@@ -115,6 +115,9 @@ def test_trim_log_drops_steps_after_the_checkpoint_and_a_torn_line(tmp_path):
     log.write_text("epoch,loss,step\n0,0.9,10\n1,0.8,20\n2,0.7,30\n3,0.6")
     trim_log(log, 20)
     assert log.read_text() == "epoch,loss,step\n0,0.9,10\n1,0.8,20\n"
+    log.write_text(log.read_text() + "2,0.7")  # torn, but within the steps kept
+    trim_log(log, 20)
+    assert log.read_text() == "epoch,loss,step\n0,0.9,10\n1,0.8,20\n"
     trim_log(log, 0)
     assert not log.exists()
 
