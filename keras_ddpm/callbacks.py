@@ -245,9 +245,9 @@ class SWDMonitor(keras.callbacks.Callback):
     saved to `best_weights_path` and the score, epoch and step to the `.json` beside it, which a resumed run
     reads back so that it keeps its best.
 
-    Place it before `CSVLogger` and `TensorBoard` in the callback list: Keras hands one logs dict to the
+    Place it before the CSV log and `TensorBoard` in the callback list: Keras hands one logs dict to the
     callbacks in list order, so only the callbacks after this one see `swd`. The first epoch is always
-    measured because `CSVLogger` fixes its columns at its first row; epochs that are not measured show `NA`.
+    measured so that a CSV log has the `swd` column from its first row; epochs that are not measured show `NA`.
 
     Args:
         real_images: uint8 [M, H, W, C], e.g. `load_images(dataset, "validation", size, M)`; at least

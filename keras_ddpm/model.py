@@ -311,7 +311,7 @@ def check_request(num_images, seed, seeds, steps, sampler, eta, labels, num_clas
         if labels is not None:
             raise ValueError("This model is unconditional; do not pass labels.")
         if guidance != 1.0:
-            raise ValueError(f"guidance needs a conditional model; this one is unconditional (got guidance={guidance}).")
+            raise ValueError(f"guidance needs a conditional model; this one is unconditional (got {guidance}).")
         return seeds, steps, np.zeros([len(seeds)], np.int32)
     if labels is None:
         raise ValueError(

@@ -47,7 +47,7 @@ def save_image_grid(path, images: np.ndarray, columns: int | None = None, scale:
 
 
 def plot_loss_curve(csv_path, png_path, smoothing: int = 5) -> pathlib.Path:
-    """Plot the training (and validation) loss per epoch from a Keras CSVLogger file."""
+    """Plot the training (and validation) loss per epoch from a run's CSV log (`callbacks.CSVLog`, or Keras')."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -8,8 +8,6 @@ import csv
 import logging
 import pathlib
 
-import keras
-import numpy as np
 import pytest
 import tensorflow as tf
 
