@@ -53,8 +53,11 @@ def main(argv):
         from keras_ddpm import plots
         from keras_ddpm.generation import generate_in_batches, load_generator, resolve_eta
 
-        output = pathlib.Path(FLAGS.output)
-        plots.check_writable(output.parent)
+        output = plots.check_output_file(FLAGS.output)  # before sampling, which can take minutes
+        if FLAGS.save_npz:
+            plots.check_output_file(FLAGS.save_npz)
+        if FLAGS.image_dir and pathlib.Path(FLAGS.image_dir).is_file():
+            raise NotADirectoryError(f"--image_dir={FLAGS.image_dir} is a file; give a folder.")
         generator = load_generator(FLAGS.model)
         print(f"Model {FLAGS.model}:\n{describe(generator)}")
         options = dict(sampler=FLAGS.sampler, steps=FLAGS.steps, eta=resolve_eta(generator, FLAGS.eta),

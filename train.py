@@ -42,7 +42,8 @@ flags.DEFINE_float("clipnorm", 1.0, "Global gradient-norm clip (0 = off).")
 flags.DEFINE_integer("batch_size", 128, "Global batch size (split across replicas).")
 flags.DEFINE_integer("train_steps", 100_000, "Total optimizer steps.")
 flags.DEFINE_integer("steps_per_epoch", 1000, "Steps per Keras epoch; a checkpoint, a log row and maybe a grid each.")
-flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept.")
+flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept (only weights that train well are saved).")
+flags.DEFINE_integer("restore_checkpoint", None, "Resume from checkpoints/ckpt-N (N = its step) instead of the newest; newer checkpoints are deleted.")
 # Hardware
 flags.DEFINE_enum("precision", "auto", ["auto", "float32", "mixed_float16", "mixed_bfloat16"],
                   "auto: mixed_float16 on a GPU, mixed_bfloat16 on a CPU with native bf16 (AMX-BF16 or AVX512_BF16), "
@@ -63,6 +64,7 @@ flags.DEFINE_boolean("export", True, "Export <output_dir>/savedmodel/1 at the en
 flags.DEFINE_enum("export_sampler", "ddim", ["ddpm", "ddim", "dpm++"], "The export's default sampler (serving_default).")
 flags.DEFINE_integer("export_steps", 50, "The export's default number of sampling steps.")
 flags.DEFINE_float("export_eta", 0.0, "The export's default DDIM eta in [0, 1]; also used for sample grids and SWD.")
+flags.DEFINE_integer("export_max_batch", 64, "Most seeds (or denoise images) one request to the export may hold; more fail with INVALID_ARGUMENT.")
 flags.DEFINE_boolean("traceback", False, "Show the full traceback on errors.")
 
 
@@ -103,6 +105,7 @@ def configs_from_flags():
         train_steps=FLAGS.train_steps,
         steps_per_epoch=FLAGS.steps_per_epoch,
         keep_checkpoints=FLAGS.keep_checkpoints,
+        restore_checkpoint=FLAGS.restore_checkpoint,
         learning_rate=FLAGS.learning_rate,
         warmup_steps=FLAGS.warmup_steps,
         weight_decay=FLAGS.weight_decay,
@@ -122,6 +125,7 @@ def configs_from_flags():
         export_sampler=FLAGS.export_sampler,
         export_steps=FLAGS.export_steps,
         export_eta=FLAGS.export_eta,
+        export_max_batch=FLAGS.export_max_batch,
     )
     return model_config, train_config
 
@@ -136,7 +140,8 @@ def main(argv):
     with report_errors("train.py", FLAGS.traceback):
         model_config, train_config = configs_from_flags()
         train(model_config, train_config, FLAGS.output_dir)
-        print(f"Finished: {FLAGS.output_dir} (samples/, log.csv, loss.png, savedmodel/1).")
+        written = "samples/, log.csv, loss.png" + (", savedmodel/1" if train_config.export else "")
+        print(f"Finished: {FLAGS.output_dir} ({written}).")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Keras callbacks of a training run: progress fields, checkpoints, sample grids, loss curve, NaN guard, SWD and face metric."""
 
+import csv
 import json
+import logging
 import math
 import pathlib
 
@@ -12,29 +14,65 @@ from keras_ddpm import face_metric, plots
 from keras_ddpm.generation import generate_in_batches
 from keras_ddpm.metrics import sliced_wasserstein_distance
 
+logger = logging.getLogger(__name__)
+
+# Predicting zeros scores a loss of about 1 (the targets, noise or v, have unit variance at most), so a network
+# 100 times worse than that has diverged even while its loss is still a finite number.
+DIVERGED_LOSS = 100.0
+
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss became NaN, infinite or huge; only checkpoints of weights that trained well are kept."""
+
+
+def is_diverged(loss) -> bool:
+    """A loss that is not finite or that is far worse than predicting zeros (see `DIVERGED_LOSS`)."""
+    loss = float(loss)
+    return not math.isfinite(loss) or loss > DIVERGED_LOSS
+
+
+def weights_problem(model, probe_images, probe_labels=None) -> str | None:
+    """Why the model's current weights must not be checkpointed, or None when they are fine.
+
+    The weights after an update have not produced a loss yet (the last batch's loss came from the weights
+    before it), and one wild update can wreck them while every logged loss is still small. So all
+    variables must be finite, and the network and its EMA copy must score a sane loss on `probe_images`.
+    """
+    variables = [*model.network.weights, *model.ema_network.weights, *model.optimizer.variables]
+    for variable in variables:
+        if "float" in str(variable.dtype) and not np.isfinite(keras.ops.convert_to_numpy(variable)).all():
+            return f"variable {variable.path} is not finite"
+    for name in ("network", "ema_network"):
+        loss = float(model.diffusion_loss(getattr(model, name), probe_images, probe_labels, training=False))
+        if is_diverged(loss):
+            return f"the {name.replace('_', ' ')} scores a loss of {loss:.4g} on a probe batch"
+    return None
 
 
 class RunProgress(keras.callbacks.Callback):
     """Adds `step`, `images_seen`, `lr` and (under mixed precision) `loss_scale` to each epoch's logs.
 
-    Put it first in the callback list so that CSVLogger and TensorBoard see these fields.
+    `step` is the optimizer's step count, so it stays exact when a resumed run changes its steps per epoch.
+    Training stops at `train_steps`, even in the middle of an epoch. Put it first in the callback list so
+    that the CSV log and TensorBoard see these fields.
 
     Args:
-        steps_per_epoch: optimizer steps in one Keras epoch.
         batch_size: the global batch size.
+        train_steps: the optimizer step at which the run ends, or None.
     """
 
-    def __init__(self, steps_per_epoch: int, batch_size: int):
+    def __init__(self, batch_size: int, train_steps: int | None = None):
         super().__init__()
-        self.steps_per_epoch = steps_per_epoch
         self.batch_size = batch_size
+        self.train_steps = train_steps
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.train_steps is not None and int(self.model.optimizer.iterations) >= self.train_steps:
+            self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}
-        step = (epoch + 1) * self.steps_per_epoch
+        step = int(self.model.optimizer.iterations)
         logs["step"] = step
         logs["images_seen"] = step * self.batch_size
         optimizer = self.model.optimizer
@@ -44,54 +82,110 @@ class RunProgress(keras.callbacks.Callback):
 
 
 class NaNGuard(keras.callbacks.Callback):
-    """Stops training as soon as the loss is not finite; `train()` then raises `TrainingDiverged`.
+    """Stops training as soon as the loss diverges (`is_diverged`); `train()` then raises `TrainingDiverged`.
 
-    The checkpoint callback refuses to save non-finite weights, so the run directory keeps the last good state.
+    `diverged_at` is the optimizer step whose loss diverged, or None.
     """
 
     def __init__(self):
         super().__init__()
-        self.bad_batch = None
+        self.diverged_at = None
 
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(float(loss)):
-            self.bad_batch = batch
+        if loss is not None and is_diverged(loss):
+            self.diverged_at = int(self.model.optimizer.iterations)
             self.model.stop_training = True
 
 
 class Checkpoint(keras.callbacks.Callback):
-    """Saves network, EMA network, optimizer and the epoch counter every epoch with a `tf.train.CheckpointManager`.
+    """Saves network, EMA network and optimizer as `ckpt-<step>` every epoch, only from weights that train well.
 
+    An epoch whose loss diverged, or whose final weights fail `weights_problem` on the probe batch, is not
+    saved and stops training (`refused` says why), so every kept checkpoint is one a run can continue from.
     TensorFlow writes the checkpoint files first and the `checkpoint` index last, so a run killed mid-save
-    (even by SIGKILL) restarts from the previous complete checkpoint.
+    (even by SIGKILL) restarts from the previous complete checkpoint. Place it after the CSV log: a kill
+    between the two then leaves a log row beyond the checkpoint, which the resumed run drops, never a gap.
 
     Args:
         manager: the `tf.train.CheckpointManager`.
-        epoch_variable: an int64 `tf.Variable` in the checkpoint holding the number of finished epochs.
+        probe_images, probe_labels: a fixed batch on which the weights must score a sane loss.
     """
 
-    def __init__(self, manager: tf.train.CheckpointManager, epoch_variable: tf.Variable):
+    def __init__(self, manager: tf.train.CheckpointManager, probe_images, probe_labels=None):
         super().__init__()
         self.manager = manager
-        self.epoch_variable = epoch_variable
+        self.probe_images = probe_images
+        self.probe_labels = probe_labels
+        self.refused = None
+        self.saved = 0
 
     def on_epoch_end(self, epoch, logs=None):
-        if not math.isfinite(float((logs or {}).get("loss", 0.0))):
+        if is_diverged((logs or {}).get("loss", 0.0)):
+            self.refused = "the epoch's loss diverged"
+        else:
+            self.refused = weights_problem(self.model, self.probe_images, self.probe_labels)
+        if self.refused:
+            logger.warning("Not saving a checkpoint at step %d: %s.", int(self.model.optimizer.iterations),
+                           self.refused)
+            self.model.stop_training = True
             return
-        self.epoch_variable.assign(epoch + 1)
-        self.manager.save(checkpoint_number=epoch + 1)
+        self.manager.save(checkpoint_number=int(self.model.optimizer.iterations))
+        self.saved += 1
+
+
+class CSVLog(keras.callbacks.Callback):
+    """Appends each epoch's logs as a row of a CSV file whose columns stay consistent across restarts.
+
+    Unlike `keras.callbacks.CSVLogger`, which appends rows in its own column order under whatever header the
+    file has, a row here follows the file's header, `NA` where it has no value; a new column rewrites the
+    file (atomically) under a header that has it. Each row is one write and is flushed at once.
+
+    Args:
+        path: the CSV file, e.g. `<run>/log.csv`.
+    """
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = pathlib.Path(path)
+
+    def on_epoch_end(self, epoch, logs=None):
+        row = {"epoch": epoch, **(logs or {})}
+        header = self._header()
+        if not set(row) <= set(header):
+            self._rewrite(["epoch", *sorted((set(header) | set(row)) - {"epoch"})])
+            header = self._header()
+        with open(self.path, "a", newline="") as file:
+            csv.writer(file).writerow([row.get(key, "NA") for key in header])
+            file.flush()
+
+    def _header(self) -> list[str]:
+        if not self.path.exists():
+            return []
+        with open(self.path, newline="") as file:
+            return next(csv.reader(file), [])
+
+    def _rewrite(self, header: list[str]):
+        rows = []
+        if self.path.exists():
+            with open(self.path, newline="") as file:
+                rows = list(csv.DictReader(file))
+        partial = self.path.with_name(self.path.name + ".partial")
+        with open(partial, "w", newline="") as file:
+            writer = csv.DictWriter(file, header, restval="NA")
+            writer.writeheader()
+            writer.writerows(rows)
+        partial.replace(self.path)
 
 
 class SampleGrid(keras.callbacks.Callback):
     """Every `every_epochs` epochs, sample a grid from fixed seeds with the EMA network.
 
     The same seeds each time make grids comparable across training. Written as
-    `<folder>/step_<step>.png` and, when `log_dir` is given, as a TensorBoard image.
+    `<folder>/step_<step>.png` (the optimizer step) and, when `log_dir` is given, as a TensorBoard image.
 
     Args:
         folder: where the PNGs go.
-        steps_per_epoch: to name grids by optimizer step.
         num_images: images in the grid (a square number reads best).
         every_epochs: sampling interval.
         sampler, steps, eta: how to sample (a cheap deterministic DDIM by default).
@@ -99,11 +193,10 @@ class SampleGrid(keras.callbacks.Callback):
         log_dir: TensorBoard log directory, or None.
     """
 
-    def __init__(self, folder, steps_per_epoch, num_images=64, every_epochs=1, sampler="ddim", steps=50, eta=0.0,
+    def __init__(self, folder, num_images=64, every_epochs=1, sampler="ddim", steps=50, eta=0.0,
                  labels=None, log_dir=None, seed=0):
         super().__init__()
         self.folder = pathlib.Path(folder)
-        self.steps_per_epoch = steps_per_epoch
         self.num_images = num_images
         self.every_epochs = every_epochs
         self.sampler = sampler
@@ -122,7 +215,7 @@ class SampleGrid(keras.callbacks.Callback):
         images = self.model.generate(
             self.num_images, seed=self.seed, steps=self.steps, sampler=self.sampler, eta=self.eta, labels=labels
         )
-        step = (epoch + 1) * self.steps_per_epoch
+        step = int(self.model.optimizer.iterations)
         plots.save_image_grid(self.folder / f"step_{step:07d}.png", images)
         if self.writer:
             with self.writer.as_default():
@@ -131,7 +224,7 @@ class SampleGrid(keras.callbacks.Callback):
 
 
 class LossCurve(keras.callbacks.Callback):
-    """Redraws the loss-curve PNG from the CSV log after every epoch (place it after the CSVLogger)."""
+    """Redraws the loss-curve PNG from the CSV log after every epoch (place it after the CSV log)."""
 
     def __init__(self, csv_path, png_path):
         super().__init__()
@@ -152,9 +245,9 @@ class SWDMonitor(keras.callbacks.Callback):
     saved to `best_weights_path` and the score, epoch and step to the `.json` beside it, which a resumed run
     reads back so that it keeps its best.
 
-    Place it before `CSVLogger` and `TensorBoard` in the callback list: Keras hands one logs dict to the
+    Place it before the CSV log and `TensorBoard` in the callback list: Keras hands one logs dict to the
     callbacks in list order, so only the callbacks after this one see `swd`. The first epoch is always
-    measured because `CSVLogger` fixes its columns at its first row; epochs that are not measured show `NA`.
+    measured so that a CSV log has the `swd` column from its first row; epochs that are not measured show `NA`.
 
     With `face=True` the same samples are also scored by the face metric (`keras_ddpm.face_metric`: MTCNN,
     offline), logged beside SWD as `face_rate`, `face_fd` and `face_landmark_fd`; SWD still picks the best

@@ -391,8 +391,8 @@ def celeba_files(
 def _celeba_folder_examples(
     data_dir, split, image_size, crop, channels, allow_upsample, holdout_fraction, num_images, training, seed
 ):
-    files = celeba_files(data_dir, split, holdout_fraction)[:num_images]
-    _check_source_size(_image_shape(files[0]), image_size, crop, allow_upsample, files[0].parent)
+    files = _images_that_fit(celeba_files(data_dir, split, holdout_fraction), image_size, crop, allow_upsample)
+    files = files[:num_images]
     logger.info(
         "celeba %s: %d images from %s, %s crop at %dx%d.",
         split,
@@ -530,11 +530,17 @@ def _find_partition_file(folder: pathlib.Path, data_dir: pathlib.Path) -> pathli
 def _read_partition_file(path: str) -> dict[str, int]:
     """`{file name: 0 train / 1 validation / 2 test}` from the official .txt or the Kaggle .csv."""
     partition = {}
-    with open(path) as lines:
-        for line in lines:
-            fields = line.replace(",", " ").split()
-            if len(fields) == 2 and fields[1] in ("0", "1", "2"):  # skips the Kaggle header line
-                partition[fields[0]] = int(fields[1])
+    try:
+        with open(path) as lines:
+            for line in lines:
+                fields = line.replace(",", " ").split()
+                if len(fields) == 2 and fields[1] in ("0", "1", "2"):  # skips the Kaggle header line
+                    partition[fields[0]] = int(fields[1])
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"{path} is not a text file: expected lines '<image file> <0|1|2>' as in CelebA's "
+            "list_eval_partition.txt. Replace it with the official file, or remove it to hold out images by hash."
+        ) from None
     return partition
 
 
@@ -582,22 +588,113 @@ def _is_held_out(file_name: str, fraction: float) -> bool:
 
 
 def _image_shape(path: pathlib.Path) -> tuple[int, int]:
-    height, width, _ = tf.io.decode_image(tf.io.read_file(str(path)), expand_animations=False).shape
-    return height, width
+    """(height, width) from the file's header, or by decoding it when the header cannot be parsed."""
+    shape = _header_shape(path)
+    if shape is None:
+        height, width, _ = tf.io.decode_image(tf.io.read_file(str(path)), expand_animations=False).shape
+        shape = (height, width)
+    return shape
+
+
+def _header_shape(path) -> tuple[int, int] | None:
+    """(height, width) read from a PNG's IHDR chunk or a JPEG's start-of-frame marker, without decoding."""
+    with open(path, "rb") as file:
+        head = file.read(24)
+        if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR":
+            return int.from_bytes(head[20:24], "big"), int.from_bytes(head[16:20], "big")
+        if not head.startswith(b"\xff\xd8"):
+            return None
+        file.seek(2)
+        while file.read(1) == b"\xff":
+            marker = file.read(1)
+            while marker == b"\xff":  # fill bytes before a marker
+                marker = file.read(1)
+            if not marker:
+                return None
+            code = marker[0]
+            if code == 0x01 or 0xD0 <= code <= 0xD8:  # markers without a segment
+                continue
+            segment_length = int.from_bytes(file.read(2), "big")
+            # Start-of-frame markers C0-CF, except C4 (Huffman tables), C8 (reserved) and CC (arithmetic coding).
+            if 0xC0 <= code <= 0xCF and code not in (0xC4, 0xC8, 0xCC):
+                frame = file.read(5)
+                return int.from_bytes(frame[1:3], "big"), int.from_bytes(frame[3:5], "big")
+            file.seek(segment_length - 2, os.SEEK_CUR)
+    return None
+
+
+def _crop_box_side(shape, crop: CropName | None) -> float | None:
+    """Side in source pixels of the square that gets resized (the crop box, or the whole image's shorter side).
+
+    None when the crop box sticks out of the image: not an aligned CelebA image (or a scaled copy of one).
+    """
+    height, width = shape
+    if crop is None:
+        return min(height, width)
+    left, top, box_size = (float(value) for value in celeba_crop_box(width, crop))
+    return None if left < 0 or top + box_size > height + 0.5 else box_size
+
+
+def _images_that_fit(files: list[pathlib.Path], image_size: int, crop, allow_upsample: bool) -> list[pathlib.Path]:
+    """The files whose crop box fits and holds at least `image_size` pixels; the others are skipped and counted.
+
+    Each image is checked (by its header), so a folder may mix resolutions: the box scales with each image.
+    """
+    folder = files[0].parent
+    shapes = _image_shapes(str(folder), folder.stat().st_mtime_ns)
+    kept, misfits, too_small = [], [], []
+    for path in files:
+        side = _crop_box_side(shapes[path.name], crop)
+        if side is None:
+            misfits.append(path.name)
+        elif image_size > side + 1e-3 and not allow_upsample:
+            too_small.append((path.name, side))
+        else:
+            kept.append(path)
+    if misfits or too_small:
+        _log_once(
+            logging.WARNING,
+            "Skipped %d of %d images in %s: %d whose %s box does not fit in them (%s), %d too small for "
+            "image_size %d (%s).",
+            len(misfits) + len(too_small), len(files), folder, len(misfits), crop, _some(misfits),
+            len(too_small), image_size, _some([name for name, _ in too_small]),
+        )
+    if not kept:
+        if too_small:
+            largest = max(side for _, side in too_small)
+            smaller = math.floor(largest + 1e-3)
+            raise ValueError(
+                f"image_size {image_size} is larger than the {largest:g}x{largest:g}-pixel "
+                f"{'crop box' if crop else 'side'} of the largest image in {folder}: the images would be upsampled. "
+                f"Use {f'image_size <= {smaller}, ' if smaller >= 1 else ''}larger source images, or "
+                "allow_upsample=True."
+            )
+        raise ValueError(
+            f"The {crop} box fits in none of the images in {folder}: expected aligned CelebA images (178x218 or "
+            f"a scaled copy), not pre-cropped ones."
+        )
+    return kept
+
+
+@functools.cache
+def _image_shapes(folder: str, modified_ns: int) -> dict[str, tuple[int, int]]:
+    """`{file name: (height, width)}` of the readable images in `folder` (redone when the folder changes)."""
+    return {name: _image_shape(pathlib.Path(folder) / name) for name in _readable_images(folder, modified_ns)}
+
+
+def _some(names: list[str], shown: int = 5) -> str:
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "") if names else "none"
 
 
 def _check_source_size(shape, image_size: int, crop: CropName | None, allow_upsample: bool, source) -> None:
     """Refuses to invent pixels: `image_size` must not exceed the crop box of (height, width) source images."""
     height, width = shape
-    if crop is None:
-        box_size = min(height, width)
-    else:
-        left, top, box_size = (float(value) for value in celeba_crop_box(width, crop))
-        if left < 0 or top + box_size > height + 0.5:
-            raise ValueError(
-                f"The {crop} box does not fit in the {width}-pixel-wide images of {source}: "
-                "expected aligned CelebA images (178x218 or a scaled copy), not pre-cropped ones."
-            )
+    box_size = _crop_box_side(shape, crop)
+    if box_size is None:
+        raise ValueError(
+            f"The {crop} box does not fit in the {width}-pixel-wide images of {source}: "
+            "expected aligned CelebA images (178x218 or a scaled copy), not pre-cropped ones."
+        )
     if image_size > box_size + 1e-3 and not allow_upsample:
         raise ValueError(
             f"image_size {image_size} is larger than the {box_size:g}x{box_size:g}-pixel "

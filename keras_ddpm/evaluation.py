@@ -19,6 +19,7 @@ import datetime
 import os
 import pathlib
 import time
+import zipfile
 from typing import Callable
 
 import numpy as np
@@ -50,7 +51,7 @@ def parse_metrics(names) -> tuple[str, ...]:
 
 
 def model_defaults(path) -> dict:
-    """`dataset`, `data_dir` and `crop` a model was trained with, from a run's config.json or a SavedModel's metadata.
+    """`dataset`, `data_dir`, `crop` and `image_shape` of a model, from a run's config.json or a SavedModel's metadata.
 
     Reads JSON only (no model is loaded); returns what it finds, an empty dict for anything else.
     """
@@ -58,12 +59,15 @@ def model_defaults(path) -> dict:
 
     path = pathlib.Path(path)
     if (path / "config.json").is_file():
-        train_config = read_json(path / "config.json").get("train", {})
-        return {key: train_config.get(key) for key in ("dataset", "data_dir", "crop")}
+        config = read_json(path / "config.json")
+        train_config, model_config = config.get("train", {}), config.get("model", {})
+        image_shape = (model_config["image_size"], model_config["image_size"], model_config["channels"])
+        return {**{key: train_config.get(key) for key in ("dataset", "data_dir", "crop")}, "image_shape": image_shape}
     try:
-        return {"dataset": read_metadata(find_version_dir(path)).get("dataset")}
+        metadata = read_metadata(find_version_dir(path))
     except (FileNotFoundError, NotOurSavedModelError):
         return {}
+    return {"dataset": metadata.get("dataset"), "image_shape": (*metadata["image_size"], metadata["channels"])}
 
 
 def default_output_path(model_path=None) -> pathlib.Path:
@@ -80,13 +84,18 @@ def default_output_path(model_path=None) -> pathlib.Path:
 def load_samples_npz(path) -> np.ndarray:
     """The uint8 images [N, H, W, C] stored under the key `images` by `sample.py --save_npz`."""
     try:
-        with np.load(path) as stored:
-            if "images" not in stored:
-                raise ValueError(f"{path} has no 'images' array (found {sorted(stored.files)}); write it with "
-                                 f"sample.py --save_npz.")
-            images = stored["images"]
+        stored = np.load(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"No samples file {path}; write one with sample.py --save_npz={path}.") from None
+    except (ValueError, OSError, zipfile.BadZipFile):  # numpy takes what is not an archive for a pickle
+        stored = None
+    if not isinstance(stored, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} is not an .npz archive; write one with sample.py --save_npz={path}.")
+    with stored:
+        if "images" not in stored:
+            raise ValueError(f"{path} has no 'images' array (found {sorted(stored.files)}); write it with "
+                             f"sample.py --save_npz.")
+        images = stored["images"]
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError(f"{path}: 'images' must be uint8 [N, H, W, C], got {images.dtype} {images.shape}.")
     return images
@@ -251,14 +260,17 @@ def evaluate(
         raise ValueError("Pass a model (a run directory or SavedModel folder): NLL and drawing samples need one.")
     defaults = model_defaults(model_path) if model_path is not None else dict(getattr(model, "metadata", None) or {})
     generator = load_generator(model_path) if needs_model and model_path is not None else model
+    batch_size = min(batch_size, getattr(generator, "max_batch_size", None) or batch_size)  # an export's cap
     dataset = dataset or defaults.get("dataset") or "celeba"
     data_dir = data_dir or defaults.get("data_dir")
     crop = crop or defaults.get("crop") or "celeba64"
-    image_shape = tuple(generator.image_shape) if needs_model else tuple(samples.shape[1:])
+    model_shape = getattr(generator, "image_shape", None) or defaults.get("image_shape")  # None: no model given
+    image_shape = tuple(model_shape or samples.shape[1:])
     if samples is not None:
         samples = np.asarray(samples)[:num_images]
         if tuple(samples.shape[1:]) != image_shape:
-            raise ValueError(f"The samples are {samples.shape[1:]} images but the model makes {image_shape} ones.")
+            raise ValueError(f"The samples are {samples.shape[1:]} images but the model {model_path or ''} makes "
+                             f"{image_shape} ones; pass the model that made them (--model).")
 
     seconds, failed = {}, {}
     results = {
@@ -282,7 +294,10 @@ def evaluate(
                 samples, results["samples"] = _draw_samples(generator, num_images, sampler, steps, eta, seed,
                                                             batch_size, verbose)
         else:
-            results["samples"] = {"source": "given", "num_images": len(samples)}
+            results["samples"] = {"source": "given", "num_images": len(samples), "num_requested": num_images}
+            if len(samples) < num_images:
+                print(f"Warning: scoring the {len(samples)} given samples, fewer than the {num_images} asked for.",
+                      flush=True)
         _sample_metrics(results, sample_metrics, samples, real_images[:num_images], seed, batch_size,
                         inception_weights, stats_cache, (dataset, split, crop, data_dir), verbose)
     if "nn" in names:
@@ -393,6 +408,8 @@ def format_table(results: dict) -> str:
     if made:
         how = (f"drawn with {made['sampler']}, {made['steps']} steps, eta {made['eta']}, seeds {made['seeds'][0]}.."
                f"{made['seeds'][1]}" if made["source"] == "generated" else f"from {made['source']}")
+        if made["num_images"] < made.get("num_requested", 0):
+            how += f"; fewer than the {made['num_requested']} asked for"
         lines.append(f"  {made['num_images']} samples ({how}) vs {results['real_images']} real images")
     rows = []
     found = results["metrics"]

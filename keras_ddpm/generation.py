@@ -36,6 +36,7 @@ class SavedModelGenerator:
         self.num_classes = metadata["num_classes"]
         self.schedule = NoiseSchedule.from_config(metadata["schedule"])
         self.objective = metadata["objective"]
+        self.max_batch_size = metadata.get("max_batch_size")  # None: an older export, without a cap
         self._sample_functions = {}
 
     def _predict(self, inputs):
@@ -70,8 +71,12 @@ class SavedModelGenerator:
         sampler = sampler or self.metadata["sampler"]
         eta = resolve_eta(self, eta)
         seeds, steps, labels = check_request(
-            num_images, seed, seeds, steps, sampler, eta, labels, self.num_classes, self.schedule.num_timesteps
+            num_images, seed, seeds, steps, sampler, eta, labels, self.num_classes, self.schedule.num_timesteps,
+            guidance,
         )
+        if self.max_batch_size and len(seeds) > self.max_batch_size:
+            raise ValueError(f"This export takes at most {self.max_batch_size} seeds per call (its max_batch_size), "
+                             f"got {len(seeds)}; use generate_in_batches.")
         inputs = dict(seed=tf.constant(seeds, tf.int64), steps=tf.constant(steps, tf.int32),
                       eta=tf.constant(eta, tf.float32))
         if self.num_classes:
@@ -112,7 +117,13 @@ def load_generator(path):
 
 def generate_in_batches(generator, num_images: int, batch_size: int = 64, seed: int = 0, verbose: bool = True,
                         **options) -> np.ndarray:
-    """`generator.generate` over `num_images` seeds `seed, seed + 1, ...` in batches, with a progress bar."""
+    """`generator.generate` over `num_images` seeds `seed, seed + 1, ...` in batches, with a progress bar.
+
+    Batches are cut down to the generator's `max_batch_size` (an export's cap on one request), if it has one.
+    """
+    if num_images < 1 or batch_size < 1:
+        raise ValueError(f"num_images and batch_size must be at least 1, got {num_images} and {batch_size}.")
+    batch_size = min(batch_size, getattr(generator, "max_batch_size", None) or batch_size)
     progress = keras.utils.Progbar(num_images, unit_name="image") if verbose else None
     labels = options.pop("labels", None)
     if labels is not None:

@@ -305,7 +305,8 @@ class DiffusionModel(keras.Model):
         """
         sampler = sampler or "ddim"
         seeds, steps, labels = check_request(
-            num_images, seed, seeds, steps, sampler, eta, labels, self.num_classes, self.schedule.num_timesteps
+            num_images, seed, seeds, steps, sampler, eta, labels, self.num_classes, self.schedule.num_timesteps,
+            guidance,
         )
         sample = self.sample_function(sampler, spacing, return_trajectory, use_ema)
         result = sample(
@@ -354,7 +355,7 @@ def step_logs(metrics) -> dict:
     return logs
 
 
-def check_request(num_images, seed, seeds, steps, sampler, eta, labels, num_classes, num_timesteps):
+def check_request(num_images, seed, seeds, steps, sampler, eta, labels, num_classes, num_timesteps, guidance=1.0):
     """Validate the arguments of a `generate()` call; returns (seeds int64 [N], steps, labels int32 [N]).
 
     Shared by `DiffusionModel.generate` and the SavedModel generator so both accept and refuse the same requests.
@@ -376,6 +377,8 @@ def check_request(num_images, seed, seeds, steps, sampler, eta, labels, num_clas
     if not num_classes:
         if labels is not None:
             raise ValueError("This model is unconditional; do not pass labels.")
+        if guidance != 1.0:
+            raise ValueError(f"guidance needs a conditional model; this one is unconditional (got {guidance}).")
         return seeds, steps, np.zeros([len(seeds)], np.int32)
     if labels is None:
         raise ValueError(

@@ -47,7 +47,7 @@ def save_image_grid(path, images: np.ndarray, columns: int | None = None, scale:
 
 
 def plot_loss_curve(csv_path, png_path, smoothing: int = 5) -> pathlib.Path:
-    """Plot the training (and validation) loss per epoch from a Keras CSVLogger file."""
+    """Plot the training (and validation) loss per epoch from a run's CSV log (`callbacks.CSVLog`, or Keras')."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,6 +105,15 @@ def check_writable(folder) -> pathlib.Path:
     except OSError as error:
         raise PermissionError(f"Cannot write to {folder}: {error.strerror}.") from error
     return folder
+
+
+def check_output_file(path) -> pathlib.Path:
+    """`check_writable` for a file about to be written: it must not be a folder, and its folder must be writable."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give the path of a file to write, e.g. {path / 'grid.png'}.")
+    check_writable(path.parent)
+    return path
 
 
 def save_npz(path, **arrays) -> pathlib.Path:

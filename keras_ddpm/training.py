@@ -3,7 +3,7 @@
 Layout of a run directory:
 
     config.json          model and training configuration (a rerun must match the model part)
-    checkpoints/         tf.train.CheckpointManager: network, EMA network, optimizer, finished epochs
+    checkpoints/         tf.train.CheckpointManager: `ckpt-<step>` with network, EMA network and optimizer
     log.csv              per-epoch loss, step, images seen, learning rate (appended across restarts)
     loss.png             the loss curve, redrawn every epoch
     samples/step_*.png   sample grids from fixed seeds
@@ -13,10 +13,14 @@ Layout of a run directory:
     workertemp_*/        a multi-worker run's non-chief copies, deleted when training ends (see worker_directory)
 
 A Keras "epoch" here is `steps_per_epoch` optimizer steps and ends with a checkpoint, so a killed run
-restarted with the same command resumes at the last finished epoch with the same step count, EMA and
-optimizer state.
+restarted with the same command resumes at the last checkpoint with the same step count, EMA and optimizer
+state. The optimizer's step count is the run's clock: the steps left, the checkpoint numbers and log.csv's
+`step` column come from it, so a rerun may change `--steps_per_epoch`. Checkpoints are kept only from weights
+that train well (see `callbacks.Checkpoint`); a damaged or diverged newest checkpoint falls back to the
+newest one that restores, and `restore_checkpoint` goes back to an earlier one on purpose.
 """
 
+import csv
 import dataclasses
 import logging
 import math
@@ -34,6 +38,7 @@ from keras_ddpm.data import load_images, make_dataset
 
 logger = logging.getLogger(__name__)
 
+PROBE_IMAGES = 16  # images in the batch on which weights must score a sane loss before they are saved
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 
@@ -69,7 +74,18 @@ class TrainConfig:
     export_sampler: str = "ddim"
     export_steps: int = 50
     export_eta: float = 0.0
+    export_max_batch: int = 64
+    restore_checkpoint: int | None = None  # resume from ckpt-<this step> instead of the newest
     verbose: int | str = "auto"
+
+    def __post_init__(self):
+        counts = ("batch_size", "train_steps", "steps_per_epoch", "keep_checkpoints", "sample_every_epochs",
+                  "num_samples", "sample_steps", "swd_images", "export_steps", "export_max_batch")
+        for name in counts:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.validation_images < 0 or self.swd_every_epochs < 0:
+            raise ValueError("validation_images and swd_every_epochs must be >= 0 (0 = off).")
 
 
 @keras.saving.register_keras_serializable(package="keras_ddpm")
@@ -178,10 +194,9 @@ def make_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
     )
 
 
-def prepare_run_directory(output_dir, model_config: ModelConfig, train_config: TrainConfig) -> pathlib.Path:
-    """Create the run directory and its config.json, or check that an existing run has the same model."""
-    output_dir = plots.check_writable(output_dir)
-    config_path = output_dir / "config.json"
+def check_same_model(output_dir, model_config: ModelConfig) -> None:
+    """Refuse an existing run directory that holds a run of a different model; reads only."""
+    config_path = pathlib.Path(output_dir) / "config.json"
     if config_path.exists():
         saved = ModelConfig.from_dict(read_json(config_path)["model"])
         if saved != model_config:
@@ -194,7 +209,17 @@ def prepare_run_directory(output_dir, model_config: ModelConfig, train_config: T
                 f"{output_dir} holds a run of a different model (saved vs requested: {changed}). "
                 "Use a new --output_dir, or the same model flags to resume."
             )
-    write_json(config_path, {"model": model_config.to_dict(), "train": dataclasses.asdict(train_config)})
+
+
+def prepare_run_directory(output_dir, model_config: ModelConfig, train_config: TrainConfig) -> pathlib.Path:
+    """Create the run directory, clean what killed runs left there, and write its config.json.
+
+    Call it once everything that can be checked has been: a failed run must not leave a config.json behind.
+    """
+    check_same_model(output_dir, model_config)
+    output_dir = plots.check_writable(output_dir)
+    clean_stale_files(output_dir)
+    write_json(output_dir / "config.json", {"model": model_config.to_dict(), "train": dataclasses.asdict(train_config)})
     return output_dir
 
 
@@ -213,30 +238,132 @@ def worker_directory(run_dir, strategy: tf.distribute.Strategy) -> pathlib.Path:
     return folder
 
 
-def restore_checkpoint(output_dir, model, keep: int = 3, restore_dir=None):
-    """Build the checkpoint and its manager and restore the latest one; returns (manager, finished_epochs).
+def clean_stale_files(output_dir) -> None:
+    """Remove what a killed run leaves: half-written checkpoints and exports (nothing is being written now)."""
+    from keras_ddpm.export import clean_stale_exports
 
-    The manager saves into `output_dir`; the checkpoint restored is the latest of `restore_dir` (default
+    checkpoint_dir = pathlib.Path(output_dir) / "checkpoints"
+    if checkpoint_dir.is_dir():
+        for stale in checkpoint_dir.glob("*_temp"):  # TensorFlow's staging folder of a checkpoint being written
+            logger.info("Removing %s, left by a run killed while saving.", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        state = tf.train.get_checkpoint_state(str(checkpoint_dir))
+        if state is not None:  # files of a checkpoint whose save never reached the index
+            listed = {pathlib.Path(path).name for path in state.all_model_checkpoint_paths}
+            for stale in checkpoint_dir.glob("ckpt-*.*"):
+                if stale.name.split(".")[0] not in listed:
+                    logger.info("Removing %s, a checkpoint file that is not in the index.", stale)
+                    stale.unlink()
+    clean_stale_exports(pathlib.Path(output_dir) / "savedmodel")
+
+
+def restore_checkpoint(output_dir, model, keep: int = 3, step: int | None = None, probe_batch=None, restore_dir=None):
+    """Restore the newest checkpoint that loads (or `ckpt-<step>`); returns (manager, restored step).
+
+    A newest checkpoint that fails to load (a full disk can truncate it) or whose weights fail
+    `callbacks.weights_problem` on `probe_batch` (images, labels) is skipped with a warning, and the one
+    before it is tried. Checkpoints newer than the one restored are deleted, so the run's next saves do not
+    mix with them. The step is 0 when there was nothing to restore.
+
+    The manager saves into `output_dir`; the checkpoints restored are those of `restore_dir` (default
     `output_dir`): the chief's run directory, for a worker that writes into a `worker_directory` of its own.
+    Only the process that owns the checkpoints (restore_dir is output_dir) deletes any.
     """
-    epochs_done = tf.Variable(0, dtype=tf.int64, trainable=False, name="epochs_done")
-    checkpoint = tf.train.Checkpoint(
-        network=model.network, ema_network=model.ema_network, optimizer=model.optimizer, epochs_done=epochs_done
-    )
-    manager = tf.train.CheckpointManager(checkpoint, pathlib.Path(output_dir) / "checkpoints", max_to_keep=keep)
-    latest_checkpoint = tf.train.latest_checkpoint(str(pathlib.Path(restore_dir or output_dir) / "checkpoints"))
-    if latest_checkpoint:
+    checkpoint_dir = pathlib.Path(restore_dir or output_dir) / "checkpoints"
+    owns_checkpoints = restore_dir is None or pathlib.Path(restore_dir) == pathlib.Path(output_dir)
+    checkpoint = tf.train.Checkpoint(network=model.network, ema_network=model.ema_network, optimizer=model.optimizer)
+    state = tf.train.get_checkpoint_state(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+    candidates = list(state.all_model_checkpoint_paths) if state else []
+    if step is not None:
+        wanted = [path for path in candidates if pathlib.Path(path).name == f"ckpt-{step}"]
+        if not wanted:
+            available = ", ".join(pathlib.Path(path).name.removeprefix("ckpt-") for path in candidates) or "none"
+            raise ValueError(f"No checkpoint of step {step} in {checkpoint_dir} (steps available: {available}).")
+        candidates = wanted
+    if candidates:
         # Create the optimizer's slots first so that they are restored now, not deferred.
         model.optimizer.build(model.network.trainable_variables)
-        try:
-            checkpoint.restore(latest_checkpoint).assert_existing_objects_matched()
-        except (AssertionError, ValueError, tf.errors.OpError) as error:
-            raise ValueError(
-                f"The checkpoint {latest_checkpoint} does not fit this model ({str(error).splitlines()[0]}). "
-                "It was probably written by a different architecture; use a new --output_dir."
-            ) from error
-        logger.info("Resumed from %s (epoch %d).", latest_checkpoint, int(epochs_done.numpy()))
-    return manager, epochs_done
+    usable = (lambda: run_callbacks.weights_problem(model, *probe_batch)) if probe_batch else None
+    path = restore_newest(checkpoint, candidates, usable)
+    step_restored = int(model.optimizer.iterations.numpy())  # int() fails on a multi-worker variable
+    if path is not None:
+        if owns_checkpoints:
+            _discard_newer_checkpoints(checkpoint_dir, state, path)
+        logger.info("Resumed from %s (step %d).", path, step_restored)
+    # The manager reads the pruned index of the folder it saves into.
+    manager = tf.train.CheckpointManager(checkpoint, pathlib.Path(output_dir) / "checkpoints", max_to_keep=keep)
+    return manager, step_restored
+
+
+def restore_newest(checkpoint: tf.train.Checkpoint, paths: list[str], problem=None) -> str | None:
+    """Restore the newest of `paths` (oldest first) that loads and passes `problem()`; returns it.
+
+    Each one skipped is logged. Returns None when `paths` is empty; raises ValueError when none restores.
+    """
+    problems = []
+    for path in reversed(paths):
+        reason = _restore(checkpoint, path) or (problem() if problem else None)
+        if not reason:
+            return path
+        problems.append(f"{pathlib.Path(path).name}: {reason}")
+        logger.warning("Cannot use checkpoint %s (%s); trying the one before.", path, reason)
+    if problems:
+        raise ValueError(
+            f"No checkpoint in {pathlib.Path(paths[0]).parent} can be used ({'; '.join(problems)}). If they were "
+            "written by a different architecture, use a new --output_dir."
+        )
+    return None
+
+
+def _restore(checkpoint: tf.train.Checkpoint, path: str) -> str | None:
+    """Restore `path` into `checkpoint`'s objects; returns why it failed, or None."""
+    try:
+        checkpoint.restore(path).expect_partial().assert_existing_objects_matched()
+    except (AssertionError, ValueError, IndexError, OSError, tf.errors.OpError) as error:
+        return (getattr(error, "message", None) or str(error) or type(error).__name__).strip().splitlines()[0]
+    return None
+
+
+def _discard_newer_checkpoints(checkpoint_dir: pathlib.Path, state, restored: str) -> None:
+    """Delete the checkpoints after `restored` and make `restored` the latest one in the index."""
+    paths = list(state.all_model_checkpoint_paths)
+    kept = paths[: paths.index(restored) + 1]
+    if kept == paths:
+        return
+    for path in paths[len(kept):]:
+        logger.warning("Discarding %s, newer than the checkpoint the run resumes from.", path)
+        for file in pathlib.Path(path).parent.glob(pathlib.Path(path).name + ".*"):
+            file.unlink()
+    # The index writer CheckpointManager itself uses (the public one is deprecated in TF 2).
+    tf.__internal__.train.update_checkpoint_state(
+        str(checkpoint_dir), restored, all_model_checkpoint_paths=kept, save_relative_paths=True,
+        all_model_checkpoint_timestamps=list(state.all_model_checkpoint_timestamps)[: len(kept)] or None,
+        last_preserved_timestamp=state.last_preserved_timestamp,
+    )
+
+
+def trim_log(log_path, last_step: int) -> None:
+    """Keep the rows of log.csv up to `last_step` (the checkpoint resumed from) and drop a torn last line.
+
+    The log is written before each checkpoint, so a killed run may have logged steps it then lost; the
+    resumed run logs them again.
+    """
+    log_path = pathlib.Path(log_path)
+    if not log_path.exists():
+        return
+    lines = log_path.read_text().splitlines(keepends=True)
+    complete = [line for line in lines if line.endswith("\n")]
+    rows = list(csv.DictReader(complete))
+    kept = [line for line, row in zip(complete[1:], rows) if (row.get("step") or "").isdigit()
+            and int(row["step"]) <= last_step]
+    if kept == complete[1:] and len(complete) == len(lines):
+        return
+    if kept:
+        partial = log_path.with_name(log_path.name + ".partial")
+        partial.write_text("".join(complete[:1] + kept))
+        partial.replace(log_path)
+    else:
+        log_path.unlink()
 
 
 def train(model_config: ModelConfig, train_config: TrainConfig, output_dir):
@@ -244,7 +371,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, output_dir):
 
     Raises:
         ValueError / FileNotFoundError / PermissionError: bad configuration, data or run directory.
-        TrainingDiverged: the loss became NaN or infinite.
+        TrainingDiverged: the loss diverged (NaN, infinite or huge); only checkpoints that train well are kept.
     """
     cfg = train_config
     strategy = make_strategy(cfg.strategy)  # first: a multi-worker strategy must precede any TensorFlow work
@@ -256,26 +383,31 @@ def train(model_config: ModelConfig, train_config: TrainConfig, output_dir):
     keras.mixed_precision.set_dtype_policy(precision)
     keras.utils.set_random_seed(cfg.seed)
     run_dir = pathlib.Path(output_dir)
-    output_dir = prepare_run_directory(worker_directory(run_dir, strategy), model_config, cfg)
-    dataset = make_dataset(
-        cfg.dataset, "train", model_config.image_size, cfg.batch_size, data_dir=cfg.data_dir, crop=cfg.crop,
-        with_labels=model_config.num_classes > 0, cache=cfg.cache, seed=cfg.seed, channels=model_config.channels,
-    )
+    check_same_model(run_dir, model_config)
+    data_options = dict(data_dir=cfg.data_dir, crop=cfg.crop, with_labels=model_config.num_classes > 0,
+                        seed=cfg.seed, channels=model_config.channels)
+    dataset = make_dataset(cfg.dataset, "train", model_config.image_size, cfg.batch_size, cache=cfg.cache,
+                           **data_options)
     validation = None
     if cfg.validation_images:
-        validation = make_dataset(
-            cfg.dataset, "validation", model_config.image_size, cfg.batch_size, data_dir=cfg.data_dir,
-            crop=cfg.crop, with_labels=model_config.num_classes > 0, cache=cfg.cache, seed=cfg.seed,
-            num_images=cfg.validation_images, channels=model_config.channels,
-        )
+        validation = make_dataset(cfg.dataset, "validation", model_config.image_size, cfg.batch_size,
+                                  cache=cfg.cache, num_images=cfg.validation_images, **data_options)
+    # A fixed batch on which weights must score a sane loss before they are checkpointed.
+    probe = next(iter(make_dataset(cfg.dataset, "train", model_config.image_size, PROBE_IMAGES, cache=None,
+                                   training=False, num_images=PROBE_IMAGES, **data_options)))
+    probe = probe if model_config.num_classes else (probe, None)
 
     with strategy.scope():
-        model = model_config.build(seed=cfg.seed)
+        model = model_config.build(seed=cfg.seed)  # before the run directory is written: a bad config fails here
         model.compile(optimizer=make_optimizer(cfg), jit_compile=cfg.jit_compile)
-        manager, epochs_done = restore_checkpoint(output_dir, model, cfg.keep_checkpoints, restore_dir=run_dir)
+    output_dir = prepare_run_directory(worker_directory(run_dir, strategy), model_config, cfg)
+    with strategy.scope():
+        manager, start_step = restore_checkpoint(output_dir, model, cfg.keep_checkpoints, cfg.restore_checkpoint,
+                                                 probe, restore_dir=run_dir)
+    trim_log(output_dir / "log.csv", start_step)
 
-    total_epochs = math.ceil(cfg.train_steps / cfg.steps_per_epoch)
     guard = run_callbacks.NaNGuard()
+    checkpoints = run_callbacks.Checkpoint(manager, *probe)
     swd_monitor = []
     if cfg.swd_every_epochs:
         real_images = load_images(cfg.dataset, "validation", model_config.image_size, cfg.swd_images,
@@ -285,34 +417,45 @@ def train(model_config: ModelConfig, train_config: TrainConfig, output_dir):
             eta=cfg.export_eta, batch_size=cfg.batch_size, seed=cfg.seed, face=cfg.monitor_face,
         )]
     callbacks = [
-        run_callbacks.RunProgress(cfg.steps_per_epoch, cfg.batch_size),
+        run_callbacks.RunProgress(cfg.batch_size, cfg.train_steps),
         guard,
-        run_callbacks.Checkpoint(manager, epochs_done),
-        *swd_monitor,  # before CSVLogger and TensorBoard, which log its `swd` (and face metrics)
-        keras.callbacks.CSVLogger(str(output_dir / "log.csv"), append=True),
+        *swd_monitor,  # before the CSV log and TensorBoard, which log its `swd` (and face metrics)
+        run_callbacks.CSVLog(output_dir / "log.csv"),
+        checkpoints,  # after the CSV log (see callbacks.Checkpoint)
         run_callbacks.LossCurve(output_dir / "log.csv", output_dir / "loss.png"),
         keras.callbacks.TensorBoard(str(output_dir / "tensorboard"), write_graph=False),
         run_callbacks.SampleGrid(
-            output_dir / "samples", cfg.steps_per_epoch, cfg.num_samples, cfg.sample_every_epochs,
-            steps=cfg.sample_steps, eta=cfg.export_eta, log_dir=output_dir / "tensorboard" / "samples", seed=cfg.seed,
+            output_dir / "samples", cfg.num_samples, cfg.sample_every_epochs, steps=cfg.sample_steps,
+            eta=cfg.export_eta, log_dir=output_dir / "tensorboard" / "samples", seed=cfg.seed,
         ),
     ]
-    if int(epochs_done.numpy()) < total_epochs:
+    steps_left = cfg.train_steps - start_step
+    if steps_left > 0:
+        first_epoch = start_step // cfg.steps_per_epoch
         model.fit(
-            dataset, epochs=total_epochs, initial_epoch=int(epochs_done.numpy()), steps_per_epoch=cfg.steps_per_epoch,
-            validation_data=validation, callbacks=callbacks, verbose=cfg.verbose,
+            dataset, epochs=first_epoch + math.ceil(steps_left / cfg.steps_per_epoch), initial_epoch=first_epoch,
+            steps_per_epoch=cfg.steps_per_epoch, validation_data=validation, callbacks=callbacks, verbose=cfg.verbose,
         )
-    if guard.bad_batch is not None:
-        raise run_callbacks.TrainingDiverged(
-            f"The loss became NaN or infinite in epoch {int(epochs_done.numpy()) + 1}, batch {guard.bad_batch}. "
-            f"The last good checkpoint is kept in {output_dir / 'checkpoints'}; lower --learning_rate, "
-            "set --clipnorm, or use --precision=float32."
-        )
+    if guard.diverged_at is not None or checkpoints.refused:
+        raise run_callbacks.TrainingDiverged(divergence_message(manager, start_step, guard, checkpoints))
     if cfg.export:
         export_run(model, output_dir, model_config, cfg)
     if not strategy.extended.should_checkpoint:  # a worker's temporary folder (see worker_directory)
         shutil.rmtree(output_dir, ignore_errors=True)
     return model
+
+
+def divergence_message(manager, start_step: int, guard, checkpoints) -> str:
+    """What diverged, what is kept, and the ways on: lower the learning rate or step back a checkpoint."""
+    what = (f"The loss diverged (NaN, infinite or above {run_callbacks.DIVERGED_LOSS:g}) at step {guard.diverged_at}"
+            if guard.diverged_at is not None else f"The weights diverged ({checkpoints.refused})")
+    steps = [int(pathlib.Path(path).name.removeprefix("ckpt-")) for path in manager.checkpoints]
+    kept = f"Checkpoints kept in {manager.directory} (steps {', '.join(map(str, steps))})" if steps else "No checkpoint"
+    message = f"{what}; nothing after the last good weights was saved. {kept}. "
+    if start_step and not checkpoints.saved and len(steps) > 1:
+        message += (f"It diverged right after resuming from step {start_step}: if that checkpoint is to blame, "
+                    f"step back with --restore_checkpoint={steps[-2]} (newer checkpoints are then deleted); ")
+    return message + "lower --learning_rate, set --clipnorm, or use --precision=float32."
 
 
 def export_run(model, output_dir, model_config: ModelConfig, train_config: TrainConfig):
@@ -326,11 +469,12 @@ def export_run(model, output_dir, model_config: ModelConfig, train_config: Train
     }
     return export_savedmodel(model, pathlib.Path(output_dir) / "savedmodel", version=1,
                              sampler=train_config.export_sampler, steps=train_config.export_steps,
-                             eta=train_config.export_eta, metadata=metadata)
+                             eta=train_config.export_eta, metadata=metadata,
+                             max_batch_size=train_config.export_max_batch)
 
 
 def load_run(output_dir, use_checkpoint: str | None = None):
-    """Rebuild the model of a run directory and restore its latest (or a given) checkpoint."""
+    """Rebuild the model of a run directory and restore its newest checkpoint that loads (or a given one)."""
     output_dir = pathlib.Path(output_dir)
     config_path = output_dir / "config.json"
     if not config_path.exists():
@@ -338,8 +482,11 @@ def load_run(output_dir, use_checkpoint: str | None = None):
     model_config = ModelConfig.from_dict(read_json(config_path)["model"])
     model = model_config.build()
     checkpoint = tf.train.Checkpoint(network=model.network, ema_network=model.ema_network)
-    path = use_checkpoint or tf.train.latest_checkpoint(str(output_dir / "checkpoints"))
-    if path is None:
+    if use_checkpoint:
+        paths = [use_checkpoint]
+    else:
+        state = tf.train.get_checkpoint_state(str(output_dir / "checkpoints"))
+        paths = list(state.all_model_checkpoint_paths) if state else []
+    if restore_newest(checkpoint, paths) is None:
         raise FileNotFoundError(f"{output_dir / 'checkpoints'} holds no checkpoint yet.")
-    checkpoint.restore(path).expect_partial().assert_existing_objects_matched()
     return model, model_config

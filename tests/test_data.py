@@ -177,6 +177,13 @@ def test_corrupt_files_are_skipped_counted_and_reported_once(tmp_path, caplog):
         assert name in reports[0]
 
 
+def test_a_binary_partition_file_is_named_in_the_error(tmp_path):
+    flat_images_folder(tmp_path / "img_align_celeba", 2)
+    (tmp_path / "list_eval_partition.txt").write_bytes(bytes(range(128, 256)))
+    with pytest.raises(ValueError, match="list_eval_partition.txt is not a text file"):
+        data.make_dataset("celeba", data_dir=tmp_path)
+
+
 def test_missing_or_empty_folder_says_where_and_how_to_get_celeba(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"(?s)nowhere.*img_align_celeba\.zip"):
         data.make_dataset("celeba", data_dir=tmp_path / "nowhere")
@@ -204,6 +211,26 @@ def test_upsampling_needs_permission(tmp_path):
     assert image.shape == (128, 128, 3)
     with pytest.raises(ValueError, match="allow_upsample"):
         data.make_dataset("fashion_mnist", "train", 32)
+
+
+def test_every_image_is_checked_and_a_mixed_resolution_folder_works_image_by_image(tmp_path, caplog):
+    write_image(tmp_path / "000000.png", np.zeros([1, 1, 3], np.uint8))  # first in order: no longer decides
+    write_image(tmp_path / "000001.jpg", coordinate_image(178, 218))  # full size
+    write_image(tmp_path / "000002.jpg", coordinate_image(89, 109))  # half size
+    write_image(tmp_path / "000003.png", np.zeros([400, 400, 3], np.uint8))  # not an aligned CelebA image
+    with caplog.at_level(logging.WARNING, logger="keras_ddpm.data"):
+        full, half = data.load_images("celeba", "train", 64, 4, data_dir=tmp_path, holdout_fraction=0.0)
+    assert "Skipped 2 of 4 images" in caplog.text and "000000.png" in caplog.text and "000003.png" in caplog.text
+    assert np.abs(full.astype(int) - half.astype(int)).mean() < 3  # the same box at either resolution
+    only_full = data.load_images("celeba", "train", 128, 4, data_dir=tmp_path, holdout_fraction=0.0)
+    assert only_full.shape == (1, 128, 128, 3)  # the half-size box holds 64 pixels: skipped, not upsampled
+
+
+def test_a_folder_of_images_too_small_says_so_without_a_wrong_hint(tmp_path):
+    write_image(tmp_path / "000001.png", np.zeros([1, 1, 3], np.uint8))
+    with pytest.raises(ValueError, match="image_size 16 is larger") as error:
+        data.make_dataset("celeba", "train", 16, data_dir=tmp_path, holdout_fraction=0.0)
+    assert "<= 0" not in str(error.value)
 
 
 def test_training_flips_drops_remainder_and_repeats(tmp_path):

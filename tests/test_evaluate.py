@@ -139,7 +139,7 @@ def test_missing_inception_weights_fail_fid_and_kid_only(trained):
     assert set(results["failed"]) == {"fid", "kid"}
     assert "missing.h5" in results["failed"]["fid"] and "--inception_weights" in results["failed"]["kid"]
     assert list(results["metrics"]) == ["swd"]
-    assert results["samples"] == {"source": "given", "num_images": 16}  # evaluate.py puts the .npz path here
+    assert results["samples"] == {"source": "given", "num_images": 16, "num_requested": 16}  # + the .npz path
     assert "FAILED" in evaluation.format_table(results)
 
 
@@ -150,6 +150,25 @@ def test_samples_must_match_the_model(trained, tmp_path):
     np.savez(tmp_path / "wrong.npz", pictures=np.zeros((2, 16, 16, 3), np.uint8))
     with pytest.raises(ValueError, match="no 'images' array"):
         evaluation.load_samples_npz(tmp_path / "wrong.npz")
+    (tmp_path / "text.npz").write_text("not an archive")
+    with pytest.raises(ValueError, match="text.npz is not an .npz archive"):
+        evaluation.load_samples_npz(tmp_path / "text.npz")
+
+
+@pytest.mark.parametrize("shape", [(2, 32, 32, 3), (2, 16, 16, 1)])
+def test_given_samples_are_checked_against_the_model_even_without_nll(trained, shape):
+    _, _, folder = trained
+    with pytest.raises(ValueError, match="samples are .* pass the model that made them"):
+        evaluation.evaluate(str(folder / "savedmodel"), samples=np.zeros(shape, np.uint8), metrics="swd",
+                            dataset="synthetic", num_images=2, verbose=False)
+
+
+def test_fewer_samples_than_asked_for_are_reported(trained):
+    model, _, _ = trained
+    results = evaluation.evaluate(None, samples=model.generate(5, steps=3), dataset="synthetic", metrics="swd",
+                                  num_images=16, verbose=False)
+    assert results["samples"] == {"source": "given", "num_images": 5, "num_requested": 16}
+    assert "5 samples (from given; fewer than the 16 asked for)" in evaluation.format_table(results)
 
 
 def test_nearest_neighbours_find_copies_across_chunks():

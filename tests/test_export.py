@@ -151,6 +151,7 @@ def test_metadata_in_the_model_and_in_assets_extra(loaded, export_dir, model):
     assert metadata["schedule"] == model.schedule.get_config() and metadata["objective"] == "v"
     assert metadata["sampler"] == "ddim" and metadata["steps"] == EXPORT_STEPS
     assert metadata["training_steps"] == 1 and metadata["dataset"] == "toy"
+    assert metadata["max_batch_size"] == export.DEFAULT_MAX_BATCH_SIZE == 64
     assert metadata["keras_ddpm_version"] == "0.1.0" and metadata["tensorflow_version"] == tf.__version__
 
 
@@ -170,6 +171,9 @@ def test_metadata_in_the_model_and_in_assets_extra(loaded, export_dir, model):
         ("denoise", dict(t=[-1]), "t must be in \\[0, 99\\]"),
         ("denoise", dict(t=[1, 2]), "one entry per x_t image"),
         ("denoise", dict(x_t=np.zeros([1, 8, 8, 3], np.float32)), "Shape of tensor x_t \\[1,8,8,3\\]"),
+        ("serving_default", dict(seed=np.arange(65)), "at most 64 seeds per request"),
+        ("generate", dict(seed=np.arange(65)), "at most 64 seeds per request"),
+        ("denoise", dict(x_t=np.zeros([65, 16, 16, 3], np.float32), t=np.ones(65)), "at most 64 x_t images"),
     ],
 )
 def test_bad_requests_fail_with_invalid_argument(loaded, signature, inputs, message):
@@ -183,6 +187,17 @@ def test_bad_requests_fail_with_invalid_argument(loaded, signature, inputs, mess
     request = {name: tf.constant(value, dtypes[name]) for name, value in {**defaults, **inputs}.items()}
     with pytest.raises(tf.errors.InvalidArgumentError, match=message):
         function(**request)
+
+
+def test_clients_of_the_library_respect_the_batch_cap(export_dir):
+    from keras_ddpm.generation import generate_in_batches
+
+    generator = load_generator(export_dir)
+    assert generator.max_batch_size == 64
+    with pytest.raises(ValueError, match="at most 64 seeds"):
+        generator.generate(seeds=np.arange(65), steps=2)
+    images = generate_in_batches(generator, 65, batch_size=100, verbose=False, steps=2)  # cut to batches of 64
+    assert images.shape == (65, 16, 16, 3)
 
 
 @pytest.fixture(scope="module")

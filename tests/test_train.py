@@ -38,7 +38,7 @@ def smoke_run(tmp_path_factory):
 
 def test_smoke_run_writes_everything(smoke_run):
     assert (smoke_run / "config.json").is_file()
-    assert tf.train.latest_checkpoint(str(smoke_run / "checkpoints")).endswith("ckpt-2")
+    assert tf.train.latest_checkpoint(str(smoke_run / "checkpoints")).endswith("ckpt-40")  # named by step
     rows = log_rows(smoke_run)
     assert [int(row["step"]) for row in rows] == [20, 40]
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
@@ -74,14 +74,14 @@ def test_sigkill_then_resume_continues_the_same_run(tmp_path):
     process = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=ENV,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not (tmp_path / "checkpoints" / "ckpt-2.index").exists():
+    while not (tmp_path / "checkpoints" / "ckpt-10.index").exists():
         assert process.poll() is None and time.time() < deadline, "training did not reach a second checkpoint"
         time.sleep(0.5)
     process.send_signal(signal.SIGKILL)
     process.wait()
 
     saved_path = tf.train.latest_checkpoint(str(tmp_path / "checkpoints"))
-    saved_epochs = int(saved_path.rsplit("-", 1)[1])
+    saved_step = int(saved_path.rsplit("-", 1)[1])
     reader = tf.train.load_checkpoint(saved_path)
 
     # Restoring in a fresh process state gives exactly the saved weights, EMA weights and optimizer state.
@@ -90,9 +90,8 @@ def test_sigkill_then_resume_continues_the_same_run(tmp_path):
 
     model = ModelConfig.from_dict(read_json(tmp_path / "config.json")["model"]).build()
     model.compile(optimizer=make_optimizer(TrainConfig()))
-    _, epochs_done = restore_checkpoint(tmp_path, model)
-    assert int(epochs_done) == saved_epochs
-    assert int(model.optimizer.iterations) == saved_epochs * 5
+    _, restored_step = restore_checkpoint(tmp_path, model)
+    assert restored_step == int(model.optimizer.iterations) == saved_step
     saved = {name: reader.get_tensor(name) for name, _ in tf.train.list_variables(saved_path)}
     # (The checkpoint stores each variable once: the network's under the optimizer that updates it.)
     head = model.network.get_layer("head_conv")
@@ -106,14 +105,17 @@ def test_sigkill_then_resume_continues_the_same_run(tmp_path):
     moments = [v for v in model.optimizer.variables if "head_conv" in v.path and "momentum" in v.path]
     assert moments and np.abs(moments[0].numpy()).sum() > 0
 
-    # The same command (with a reachable end) resumes at the next epoch and keeps counting steps.
-    end_step = (saved_epochs + 1) * 5
-    result = run_script("train.py", *args[:-3], f"--train_steps={end_step}", "--validation_images=0",
-                        "--sample_every_epochs=1000", "--export=false")
+    # The same command (with a reachable end and other steps per epoch) resumes at the saved optimizer step and
+    # keeps counting steps exactly; the log holds each step once, whatever the kill tore or logged past the save.
+    end_step = saved_step + 4
+    result = run_script("train.py", *args[:2], f"--train_steps={end_step}", "--steps_per_epoch=3",
+                        "--validation_images=0", "--sample_every_epochs=1000", "--export=false")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Finished" in result.stdout and "savedmodel" not in result.stdout  # --export=false
     steps = [int(row["step"]) for row in log_rows(tmp_path)]
-    assert steps[-1] == end_step and steps[-2] < end_step
-    assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith(f"ckpt-{saved_epochs + 1}")
+    assert steps == list(range(5, saved_step + 1, 5)) + [saved_step + 3, end_step]
+    assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith(f"ckpt-{end_step}")
+    assert not list((tmp_path / "checkpoints").glob("*_temp"))
 
 
 MIRRORED_SCRIPT = """
@@ -165,17 +167,45 @@ def test_mirrored_strategy_matches_one_device():
 @pytest.mark.parametrize(
     "script, args, message",
     [
-        ("train.py", ["--flagfile=flags/smoke.flags", "--dataset=celeba", "--data_dir=/nonexistent/celeba"], "celeba"),
+        ("train.py", ["--flagfile=flags/smoke.flags", "--dataset=celeba", "--data_dir=/nonexistent/celeba",
+                      "--output_dir={tmp}/run"], "celeba"),
         ("train.py", ["--flagfile=flags/smoke.flags", "--output_dir=/proc/forbidden"], "Cannot write"),
         ("sample.py", ["--model=/nonexistent/model"], "No model at"),
         ("sample.py", ["--model=tests"], "not a SavedModel"),
+        ("train.py", ["--flagfile=flags/smoke.flags", "--steps_per_epoch=0", "--output_dir={tmp}/run"],
+         "steps_per_epoch must be at least 1"),
+        ("sample.py", ["--output={tmp}"], "is a folder"),
     ],
 )
-def test_errors_are_one_clear_line_and_a_failing_exit_code(script, args, message):
-    result = run_script(script, *args)
+def test_errors_are_one_clear_line_and_a_failing_exit_code(script, args, message, tmp_path):
+    result = run_script(script, *[arg.format(tmp=tmp_path) for arg in args])
     assert result.returncode == 1
     assert message.lower() in result.stderr.lower()
     assert "Traceback" not in result.stderr
+    assert not list(tmp_path.rglob("config.json")) and not list(tmp_path.glob("*.partial"))  # nothing half-written
+
+
+def test_bad_counts_and_options_are_clear_errors():
+    """What train.py and sample.py turn into one-line errors (checked in-process: each script start costs seconds)."""
+    from keras_ddpm.generation import generate_in_batches, load_generator
+    from keras_ddpm.training import TrainConfig
+
+    for field in ("steps_per_epoch", "train_steps", "batch_size", "keep_checkpoints"):
+        with pytest.raises(ValueError, match=f"{field} must be at least 1"):
+            TrainConfig(**{field: 0})
+    shipped = load_generator(REPO / "savedmodel")
+    for counts in (dict(num_images=0), dict(batch_size=0)):
+        with pytest.raises(ValueError, match="num_images and batch_size must be at least 1"):
+            generate_in_batches(shipped, **{"num_images": 4, "batch_size": 4, **counts})
+    with pytest.raises(ValueError, match="guidance needs a conditional model"):
+        shipped.generate(2, guidance=3.0)
+
+
+def test_a_bad_model_config_writes_nothing_that_blocks_the_corrected_rerun(tmp_path):
+    result = run_script("train.py", "--flagfile=flags/smoke.flags", f"--output_dir={tmp_path / 'run'}",
+                        "--norm_groups=5")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "config.json").exists()
 
 
 def test_resuming_with_a_different_architecture_is_refused(smoke_run):

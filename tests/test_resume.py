@@ -1,0 +1,149 @@
+"""Runs that cannot get stuck: kept checkpoints train well, damaged ones fall back, resume is step-exact.
+
+The divergence test trains a real (tiny) run in-process and then drives it to diverge; the others build
+checkpoints directly, which is much faster than training for them.
+"""
+
+import csv
+import logging
+import pathlib
+
+import pytest
+import tensorflow as tf
+
+from keras_ddpm import callbacks
+from keras_ddpm.config import ModelConfig
+from keras_ddpm.training import (TrainConfig, clean_stale_files, load_run, make_optimizer, prepare_run_directory,
+                                 restore_checkpoint, train, trim_log)
+
+TINY = ModelConfig(image_size=16, width=8, channel_multipliers=(1,), num_res_blocks=1, attention_resolutions=(),
+                   bottleneck_attention=False, norm_groups=4, num_timesteps=50, dropout=0.0, num_classes=0,
+                   ema_decay=0.9)
+FAST = dict(dataset="synthetic", batch_size=8, warmup_steps=1, learning_rate=1e-3, num_samples=4, sample_steps=2,
+            sample_every_epochs=1000, export=False, verbose=0)
+PROBE = (tf.random.stateless_uniform([8, 16, 16, 3], [0, 1], -1.0, 1.0), None)
+
+
+def checkpoint_steps(run_dir) -> list[int]:
+    state = tf.train.get_checkpoint_state(str(run_dir / "checkpoints"))
+    return [int(pathlib.Path(path).name.removeprefix("ckpt-")) for path in state.all_model_checkpoint_paths]
+
+
+def run_with_checkpoints(run_dir, wreck_last=False):
+    """A run directory with checkpoints at steps 1, 2 and 3 of sane weights (the last one wrecked if asked)."""
+    model = TINY.build()
+    model.compile(optimizer=make_optimizer(TrainConfig()))
+    prepare_run_directory(run_dir, TINY, TrainConfig(dataset="synthetic"))
+    manager, _ = restore_checkpoint(run_dir, model)
+    model.optimizer.build(model.network.trainable_variables)
+    for step in (1, 2, 3):
+        model.optimizer.iterations.assign(step)
+        if wreck_last and step == 3:  # finite weights that no longer denoise: what one wild update leaves
+            head = model.network.get_layer("head_conv")
+            head.kernel.assign(head.kernel * 1e6 + 1e3)
+        manager.save(checkpoint_number=step)
+    return model
+
+
+def test_a_run_that_diverges_keeps_only_checkpoints_that_train_well(tmp_path):
+    """The issue's reproduction: a sane run resumed at learning rate 1e4 without clipping, one step per epoch.
+
+    Before, the weights after the first wild update were checkpointed (their epoch's loss came from the weights
+    before it) and every later rerun failed with NaN at once.
+    """
+    run_with_checkpoints(tmp_path)
+    wild = {**FAST, "learning_rate": 1e4, "warmup_steps": 1}
+    with pytest.raises(callbacks.TrainingDiverged, match="--restore_checkpoint=2"):
+        train(TINY, TrainConfig(train_steps=30, steps_per_epoch=1, clipnorm=None, **wild), tmp_path)
+    assert checkpoint_steps(tmp_path) == [1, 2, 3]
+    model, _ = load_run(tmp_path)
+    model.compile(optimizer="adam")
+    assert callbacks.weights_problem(model, *PROBE) is None  # so a rerun at a sane learning rate continues
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog):
+    run_with_checkpoints(tmp_path)
+    data_file = next((tmp_path / "checkpoints").glob("ckpt-3.data-*"))
+    data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])  # as a full disk leaves it
+
+    with caplog.at_level(logging.WARNING):
+        load_run(tmp_path)  # what sample.py and evaluate.py use: read-only
+    assert "ckpt-3" in caplog.text and checkpoint_steps(tmp_path) == [1, 2, 3]
+
+    model = TINY.build()
+    model.compile(optimizer=make_optimizer(TrainConfig()))
+    manager, step = restore_checkpoint(tmp_path, model)
+    assert step == 2 and manager.latest_checkpoint.endswith("ckpt-2")
+    assert checkpoint_steps(tmp_path) == [1, 2] and not list((tmp_path / "checkpoints").glob("ckpt-3.*"))
+
+
+def test_a_diverged_newest_checkpoint_is_skipped_and_an_older_one_can_be_chosen(tmp_path):
+    run_with_checkpoints(tmp_path, wreck_last=True)
+    model = TINY.build()
+    model.compile(optimizer=make_optimizer(TrainConfig()))
+    assert restore_checkpoint(tmp_path, model, probe_batch=PROBE)[1] == 2
+    assert checkpoint_steps(tmp_path) == [1, 2]
+
+    assert restore_checkpoint(tmp_path, model, step=1)[1] == 1  # --restore_checkpoint=1
+    assert checkpoint_steps(tmp_path) == [1]
+    with pytest.raises(ValueError, match="steps available: 1"):
+        restore_checkpoint(tmp_path, model, step=7)
+
+
+def test_no_usable_checkpoint_is_a_clear_error(tmp_path):
+    run_with_checkpoints(tmp_path)
+    for data_file in (tmp_path / "checkpoints").glob("ckpt-*.data-*"):
+        data_file.write_bytes(b"")
+    with pytest.raises(ValueError, match="No checkpoint in .* can be used"):
+        load_run(tmp_path)
+
+
+def test_checkpoint_callback_refuses_weights_that_do_not_train(tmp_path):
+    model = run_with_checkpoints(tmp_path, wreck_last=True)
+    manager, _ = restore_checkpoint(tmp_path, model)
+    saver = callbacks.Checkpoint(manager, *PROBE)
+    saver.set_model(model)
+    model.optimizer.iterations.assign(9)
+    saver.on_epoch_end(0, {"loss": 0.5})
+    assert "probe batch" in saver.refused and model.stop_training and 9 not in checkpoint_steps(tmp_path)
+
+
+def test_trim_log_drops_steps_after_the_checkpoint_and_a_torn_line(tmp_path):
+    log = tmp_path / "log.csv"
+    log.write_text("epoch,loss,step\n0,0.9,10\n1,0.8,20\n2,0.7,30\n3,0.6")
+    trim_log(log, 20)
+    assert log.read_text() == "epoch,loss,step\n0,0.9,10\n1,0.8,20\n"
+    log.write_text(log.read_text() + "2,0.7")  # torn, but within the steps kept
+    trim_log(log, 20)
+    assert log.read_text() == "epoch,loss,step\n0,0.9,10\n1,0.8,20\n"
+    trim_log(log, 0)
+    assert not log.exists()
+
+
+def test_leftovers_of_killed_saves_and_exports_are_cleaned(tmp_path):
+    run_with_checkpoints(tmp_path)
+    checkpoints, exports = tmp_path / "checkpoints", tmp_path / "savedmodel"
+    (checkpoints / "ckpt-4_temp").mkdir()
+    (checkpoints / "ckpt-4_temp" / "part-00000-of-00001.index").write_bytes(b"x")
+    (checkpoints / "ckpt-5.index").write_bytes(b"x")  # written, but the save never reached the index
+    (exports / ".1.partial-1234abcd" / "variables").mkdir(parents=True)
+    (exports / "2").mkdir()
+    (exports / ".2.replaced-5678abcd").mkdir()
+    (exports / ".3.replaced-9abc0123").mkdir()  # killed between _publish's renames: the old version 3
+    clean_stale_files(tmp_path)
+    assert sorted(path.name for path in checkpoints.iterdir()) == [
+        "checkpoint", *[f"ckpt-{step}.{suffix}" for step in (1, 2, 3) for suffix in ("data-00000-of-00001", "index")]
+    ]
+    assert sorted(path.name for path in exports.iterdir()) == ["2", "3"]
+
+
+def test_a_rerun_with_other_steps_per_epoch_counts_steps_exactly(tmp_path):
+    run_with_checkpoints(tmp_path)
+    (tmp_path / "log.csv").write_text("epoch,loss,step\n0,0.9,1\n1,0.8,2\n2,0.7,3\n")
+    model = train(TINY, TrainConfig(train_steps=8, steps_per_epoch=2, **FAST), tmp_path)
+    assert int(model.optimizer.iterations) == 8
+    assert checkpoint_steps(tmp_path) == [5, 7, 8]
+    with open(tmp_path / "log.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [int(row["step"]) for row in rows] == [1, 2, 3, 5, 7, 8]
+    assert rows[0]["lr"] == "NA" and float(rows[-1]["lr"]) > 0  # new columns join the header
