@@ -21,6 +21,11 @@ logger = logging.getLogger(__name__)
 DIVERGED_LOSS = 100.0
 
 
+
+def optimizer_step(model) -> int:
+    """The optimizer's step count: the run's clock. (`int()` of a multi-worker variable fails; `.numpy()` works.)"""
+    return int(model.optimizer.iterations.numpy())
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN, infinite or huge; only checkpoints of weights that trained well are kept."""
 
@@ -67,12 +72,12 @@ class RunProgress(keras.callbacks.Callback):
         self.train_steps = train_steps
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.train_steps is not None and int(self.model.optimizer.iterations) >= self.train_steps:
+        if self.train_steps is not None and optimizer_step(self.model) >= self.train_steps:
             self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}
-        step = int(self.model.optimizer.iterations)
+        step = optimizer_step(self.model)
         logs["step"] = step
         logs["images_seen"] = step * self.batch_size
         optimizer = self.model.optimizer
@@ -94,7 +99,7 @@ class NaNGuard(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
         if loss is not None and is_diverged(loss):
-            self.diverged_at = int(self.model.optimizer.iterations)
+            self.diverged_at = optimizer_step(self.model)
             self.model.stop_training = True
 
 
@@ -126,11 +131,11 @@ class Checkpoint(keras.callbacks.Callback):
         else:
             self.refused = weights_problem(self.model, self.probe_images, self.probe_labels)
         if self.refused:
-            logger.warning("Not saving a checkpoint at step %d: %s.", int(self.model.optimizer.iterations),
+            logger.warning("Not saving a checkpoint at step %d: %s.", optimizer_step(self.model),
                            self.refused)
             self.model.stop_training = True
             return
-        self.manager.save(checkpoint_number=int(self.model.optimizer.iterations))
+        self.manager.save(checkpoint_number=optimizer_step(self.model))
         self.saved += 1
 
 
@@ -215,7 +220,7 @@ class SampleGrid(keras.callbacks.Callback):
         images = self.model.generate(
             self.num_images, seed=self.seed, steps=self.steps, sampler=self.sampler, eta=self.eta, labels=labels
         )
-        step = int(self.model.optimizer.iterations)
+        step = optimizer_step(self.model)
         plots.save_image_grid(self.folder / f"step_{step:07d}.png", images)
         if self.writer:
             with self.writer.as_default():
@@ -334,7 +339,7 @@ class SWDMonitor(keras.callbacks.Callback):
         partial = self.best_weights_path.with_name("partial." + self.best_weights_path.name)
         self.model.ema_network.save_weights(partial)
         partial.replace(self.best_weights_path)
-        record = {"swd": swd, "epoch": epoch + 1, "step": int(self.model.optimizer.iterations.numpy())}
+        record = {"swd": swd, "epoch": epoch + 1, "step": optimizer_step(self.model)}
         partial_record = self.best_record_path.with_name(self.best_record_path.name + ".partial")
         partial_record.write_text(json.dumps(record) + "\n")
         partial_record.replace(self.best_record_path)

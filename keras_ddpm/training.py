@@ -285,7 +285,7 @@ def restore_checkpoint(output_dir, model, keep: int = 3, step: int | None = None
         model.optimizer.build(model.network.trainable_variables)
     usable = (lambda: run_callbacks.weights_problem(model, *probe_batch)) if probe_batch else None
     path = restore_newest(checkpoint, candidates, usable)
-    step_restored = int(model.optimizer.iterations.numpy())  # int() fails on a multi-worker variable
+    step_restored = run_callbacks.optimizer_step(model)
     if path is not None:
         if owns_checkpoints:
             _discard_newer_checkpoints(checkpoint_dir, state, path)
@@ -464,7 +464,7 @@ def export_run(model, output_dir, model_config: ModelConfig, train_config: Train
 
     metadata = {
         "dataset": train_config.dataset,
-        "training_steps": int(model.optimizer.iterations.numpy()),  # (int() fails on a distributed variable)
+        "training_steps": run_callbacks.optimizer_step(model),
         "model_config": model_config.to_dict(),
     }
     return export_savedmodel(model, pathlib.Path(output_dir) / "savedmodel", version=1,

@@ -18,6 +18,7 @@ SOURCE_FILES = [*REPO.glob("*.py"), *REPO.glob("keras_ddpm/**/*.py"), *REPO.glob
 # Declared for what they provide besides importable modules.
 NOT_IMPORTED_ON_PURPOSE = {
     "tensorboard": "the `tensorboard` command that shows a run's tensorboard/ logs (TensorFlow no longer installs it)",
+    "pytest-xdist": "the pytest plugin behind --numprocesses in setup.cfg's addopts (loaded by entry point)",
 }
 
 

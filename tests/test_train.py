@@ -68,6 +68,7 @@ def test_sample_py_on_the_smoke_run(smoke_run, tmp_path):
     assert np.abs(from_run.astype(int) - from_export.astype(int)).max() <= 1
 
 
+@pytest.mark.slow  # three train.py runs; bench/fault_injection.py does ten kills
 def test_sigkill_then_resume_continues_the_same_run(tmp_path):
     args = ["--flagfile=flags/smoke.flags", f"--output_dir={tmp_path}", "--steps_per_epoch=5", "--train_steps=1000",
             "--validation_images=0", "--sample_every_epochs=1000", "--export=false"]
@@ -146,6 +147,7 @@ print(json.dumps({"one": one, "two": two}))
 """
 
 
+@pytest.mark.slow  # trains the same model twice
 def test_mirrored_strategy_matches_one_device():
     """Two replicas on two logical CPUs: same mean loss and same size of update as one device.
 
