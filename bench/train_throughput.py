@@ -205,15 +205,8 @@ def main():
     for name in models:
         model_config, train_config = common.recipe_configs(name)
         batch_size = args.batch_size or (train_config.batch_size if name == "cpu" else SMALL_CPU_BATCH)
-        keras.backend.clear_session()
-        # Counted without dropout: its random-seed variable cannot be frozen into constants, and its FLOPs
-        # (one multiply per activation) are negligible next to the convolutions.
-        counted_model = dataclasses.replace(model_config, dropout=0.0).build()
-        forward_flops, train_flops = model_flops_per_image(counted_model, batch_size)
         print(f"{name}_image_size {model_config.image_size}")
-        print(f"{name}_batch_size {batch_size}")
-        print(f"{name}_forward_flops_per_image {forward_flops:.4g}")
-        print(f"{name}_train_flops_per_image {train_flops:.4g}", flush=True)
+        print(f"{name}_batch_size {batch_size}", flush=True)
         for precision in args.precisions:
             for xla in xla_settings:
                 key = f"{name}_{precision}_{'xla' if xla else 'noxla'}"
@@ -221,13 +214,23 @@ def main():
                     model_config, train_config, batch_size, precision, xla,
                     args.warmup_steps, args.steps, args.steps_per_execution,
                 )
-                images_per_second = batch_size / seconds_per_step
-                timings[name, precision, xla] = first_step_seconds, images_per_second
-                achieved[name, precision, xla] = train_flops * images_per_second / 1e9
+                timings[name, precision, xla] = first_step_seconds, batch_size / seconds_per_step
                 print(f"{key}_first_step_seconds {first_step_seconds:.1f}")
                 print(f"{key}_ms_per_step {1000 * seconds_per_step:.1f}")
-                print(f"{key}_img_per_s {images_per_second:.2f}")
-                print(f"{key}_gflops {achieved[name, precision, xla]:.1f}", flush=True)
+                print(f"{key}_img_per_s {batch_size / seconds_per_step:.2f}", flush=True)
+        # FLOPs are counted after the timings: once the TF profiler has run in a process, graphs without XLA
+        # run slower in it (the CPU recipe's float32 step: 1.02 s against 0.74 s).
+        keras.backend.clear_session()
+        # Counted without dropout: its random-seed variable cannot be frozen into constants, and its FLOPs
+        # (one multiply per activation) are negligible next to the convolutions.
+        counted_model = dataclasses.replace(model_config, dropout=0.0).build()
+        forward_flops, train_flops = model_flops_per_image(counted_model, batch_size)
+        print(f"{name}_forward_flops_per_image {forward_flops:.4g}")
+        print(f"{name}_train_flops_per_image {train_flops:.4g}")
+        for (model_name, precision, xla), (_, images_per_second) in timings.items():
+            if model_name == name:
+                achieved[name, precision, xla] = train_flops * images_per_second / 1e9
+                print(f"{name}_{precision}_{'xla' if xla else 'noxla'}_gflops {achieved[name, precision, xla]:.1f}")
 
     gflops_after = matmul_peak_gflops(args.matmul_size, args.matmul_repeats)
     peak_gflops = max(gflops_before, gflops_after)
