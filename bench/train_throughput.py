@@ -218,8 +218,7 @@ def main():
                 print(f"{key}_first_step_seconds {first_step_seconds:.1f}")
                 print(f"{key}_ms_per_step {1000 * seconds_per_step:.1f}")
                 print(f"{key}_img_per_s {batch_size / seconds_per_step:.2f}", flush=True)
-        # FLOPs are counted after the timings: once the TF profiler has run in a process, graphs without XLA
-        # run slower in it (the CPU recipe's float32 step: 1.02 s against 0.74 s).
+        # FLOPs are counted after the timings, so that nothing the TF profiler leaves in the process can touch them.
         keras.backend.clear_session()
         # Counted without dropout: its random-seed variable cannot be frozen into constants, and its FLOPs
         # (one multiply per activation) are negligible next to the convolutions.
