@@ -181,32 +181,39 @@ def test_the_export_is_the_same_kind_of_savedmodel(runs):
 
 
 SHARD_PROBE = """
-import json, sys
+import json, os, sys
 import tensorflow as tf
-strategy = tf.distribute.MultiWorkerMirroredStrategy()
+# The strategy comes first (before any other TensorFlow work); without TF_CONFIG the probe is one plain process.
+strategy = tf.distribute.MultiWorkerMirroredStrategy() if "TF_CONFIG" in os.environ else None
 from keras_ddpm.data import make_dataset
 dataset = make_dataset(**json.loads(sys.argv[1]))
-batch = next(iter(strategy.experimental_distribute_dataset(dataset)))
-images = strategy.experimental_local_results(batch)[0].numpy()
-print(json.dumps({"replicas": strategy.num_replicas_in_sync, "images": images.reshape(len(images), -1).tolist()}))
+if strategy is None:
+    replicas, images = 1, next(iter(dataset)).numpy()
+else:
+    batch = next(iter(strategy.experimental_distribute_dataset(dataset)))
+    replicas, images = strategy.num_replicas_in_sync, strategy.experimental_local_results(batch)[0].numpy()
+print(json.dumps({"replicas": replicas, "images": images.reshape(len(images), -1).tolist()}))
 """
 
 
 @pytest.mark.parametrize("name", ["synthetic", "celeba"])
 def test_workers_split_each_global_batch_and_read_different_images(name, processes, request):
-    """Each worker gets its half of the one-process global batch (DATA sharding): different images, none shared."""
-    from keras_ddpm.data import make_dataset
+    """Each worker gets its half of the one-process global batch (DATA sharding): different images, none shared.
 
+    The one-process batch comes from a fresh process too: in the test process an earlier test's global seed
+    would change the shuffle.
+    """
     data_dir = str(request.getfixturevalue("celeba_dir")) if name == "celeba" else None
     arguments = dict(name=name, image_size=16, batch_size=8, data_dir=data_dir, seed=3, cache=None, num_images=64)
-    for task, env in zip(("chief", "worker"), worker_environments()):
+    chief_env, worker_env = worker_environments()
+    single_env = {key: value for key, value in chief_env.items() if key != "TF_CONFIG"}
+    for task, env in (("chief", chief_env), ("worker", worker_env), ("single", single_env)):
         processes.start(task, [sys.executable, "-c", SHARD_PROBE, json.dumps(arguments)], env)
     processes.wait()
-    reports = [json.loads(processes.stdout(task).strip().splitlines()[-1]) for task in ("chief", "worker")]
-    assert [report["replicas"] for report in reports] == [2, 2]
-    chief, worker = (np.array(report["images"], np.float32) for report in reports)
+    reports = [json.loads(processes.stdout(task).strip().splitlines()[-1]) for task in ("chief", "worker", "single")]
+    assert [report["replicas"] for report in reports] == [2, 2, 1]
+    chief, worker, global_batch = (np.array(report["images"], np.float32) for report in reports)
     assert len(chief) == len(worker) == 4, "a global batch of 8 on 2 replicas gives each 4 images"
-    global_batch = next(iter(make_dataset(**arguments))).numpy().reshape(8, -1)
     np.testing.assert_array_equal(chief, global_batch[:4])
     np.testing.assert_array_equal(worker, global_batch[4:])
     assert not {row.tobytes() for row in chief} & {row.tobytes() for row in worker}
