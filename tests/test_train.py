@@ -50,6 +50,7 @@ def test_smoke_run_writes_everything(smoke_run):
     assert (smoke_run / "savedmodel" / "1" / "saved_model.pb").is_file()
 
 
+@pytest.mark.slow  # a sample.py process on a run directory (tests/test_resume.py covers its checkpoint choice)
 def test_sample_py_on_the_smoke_run(smoke_run, tmp_path):
     for model in [smoke_run, smoke_run / "savedmodel"]:
         result = run_script(
