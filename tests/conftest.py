@@ -5,6 +5,10 @@ import pytest
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# pytest-xdist runs one worker per core: one TF compute thread each (scripts they start inherit it), rather than
+# every worker's thread pool spinning on every core.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CELEBA_DIR = pathlib.Path(os.environ.get("CELEBA_DIR", REPO.parent / "shared" / "data" / "celeba"))

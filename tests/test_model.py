@@ -18,11 +18,12 @@ def toy_images(count=64, size=16, seed=0):
     return np.broadcast_to(ramp * colours, (count, size, size, 3)).copy()
 
 
-def make_model(num_classes=0, **kwargs):
+def make_model(num_classes=0, run_eagerly=False, **kwargs):
+    """A tiny DiffusionModel; `run_eagerly` skips tracing the train step: ~9 CPU-s, the cost of ~8 eager steps."""
     keras.utils.set_random_seed(0)
     network = build_unet(**TINY_UNET, num_classes=num_classes)
     model = DiffusionModel(network, NoiseSchedule("linear", 100), **kwargs)
-    model.compile(optimizer=keras.optimizers.Adam(2e-3))
+    model.compile(optimizer=keras.optimizers.Adam(2e-3), run_eagerly=run_eagerly)
     return model
 
 
@@ -42,7 +43,7 @@ def test_fit_lowers_the_loss_without_nan(policy):
 
 
 def test_ema_differs_from_weights_and_moves_toward_them():
-    model = make_model(ema_decay=0.99)
+    model = make_model(ema_decay=0.99, run_eagerly=True)
     images = toy_images(64)
     model.fit(images, batch_size=32, epochs=2, verbose=0)
 
@@ -58,7 +59,7 @@ def test_ema_differs_from_weights_and_moves_toward_them():
 
 
 def test_ema_warm_up_follows_the_stated_decay():
-    model = make_model(ema_decay=0.999)
+    model = make_model(ema_decay=0.999, run_eagerly=True)
     ema_before = [w.copy() for w in model.ema_network.get_weights()]
     model.fit(toy_images(32), batch_size=32, epochs=1, verbose=0)  # step n=1: decay = min(0.999, 2/11)
     expected = [2 / 11 * e + 9 / 11 * w for e, w in zip(ema_before, model.network.get_weights())]
@@ -68,8 +69,8 @@ def test_ema_warm_up_follows_the_stated_decay():
 
 @pytest.fixture(scope="module")
 def trained_model():
-    """One briefly trained tiny model shared by the sampling tests (fitting is the slow part)."""
-    model = make_model()
+    """One briefly trained tiny model shared by the sampling tests (eager: they test sampling, not the train step)."""
+    model = make_model(run_eagerly=True)
     model.history_for_tests = model.fit(
         toy_images(64), batch_size=32, epochs=1, verbose=0, validation_data=toy_images(32, seed=1)
     )
@@ -104,7 +105,7 @@ def test_generate_does_not_retrace_for_new_seeds_or_sizes(trained_model):
 
 
 def test_conditional_model_guidance_and_null_label():
-    model = make_model(num_classes=3)
+    model = make_model(num_classes=3, run_eagerly=True)
     labels = np.arange(32) % 3
     model.fit(toy_images(32), labels, batch_size=16, epochs=1, verbose=0)
     conditional = model.generate(2, steps=4, labels=1)
