@@ -33,7 +33,8 @@ import common  # noqa: F401  (puts the repository on sys.path)
 
 from keras_ddpm import face_metric, metrics, plots
 from keras_ddpm.data import load_images
-from keras_ddpm.generation import generate_in_batches, load_generator
+from keras_ddpm.generation import generate_in_batches
+from keras_ddpm.runs import load_generator
 
 
 def parse_run(text: str) -> tuple[str, int, float]:

@@ -14,7 +14,6 @@ The functions take images as uint8 `[N, H, W, C]` arrays with C = 1 or 3, the pr
 import hashlib
 import os
 import re
-import tempfile
 import warnings
 from typing import Callable, Literal, NamedTuple
 
@@ -25,7 +24,7 @@ import scipy.ndimage
 import scipy.special
 import tensorflow as tf
 
-from keras_ddpm import samplers
+from keras_ddpm import files, samplers
 from keras_ddpm.schedule import NoiseSchedule, Objective
 
 
@@ -491,16 +490,8 @@ def cached_real_statistics(
 
     features = _check_features(compute_features(), "compute_features()").astype(np.float32)
     statistics = RealStatistics(features.astype(np.float64), *feature_statistics(features))
-    os.makedirs(cache_dir, exist_ok=True)
-    # Write to a temporary file first so an interrupted run never leaves a truncated cache entry.
-    temporary = tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".npz.partial", delete=False)
-    try:
-        with temporary:
-            np.savez(temporary, key=key, features=features, mu=statistics.mu, sigma=statistics.sigma)
-        os.replace(temporary.name, path)
-    except BaseException:
-        os.remove(temporary.name)
-        raise
+    with files.atomic_path(path) as partial:  # an interrupted run never leaves a truncated cache entry
+        np.savez(partial, key=key, features=features, mu=statistics.mu, sigma=statistics.sigma)
     return statistics
 
 

@@ -38,11 +38,13 @@ def default_steps(sampler: SamplerName, num_timesteps: int) -> int:
     return {"ddpm": num_timesteps, "ddim": 50, "dpm++": 20}[sampler]
 
 
-def make_denoiser(predict, schedule, objective, labels=None, null_label=None, guidance=1.0, clip_denoised=True):
+def make_denoiser(network_output, schedule, objective, labels=None, null_label=None, guidance=1.0,
+                  clip_denoised=True):
     """Wrap a network into the `denoise(x_t, t) -> (pred_images, pred_noises)` that the samplers call.
 
     Args:
-        predict: `predict([x_t, t])` or `predict([x_t, t, labels])` -> the network output (epsilon or v).
+        network_output: `network_output([x_t, t])` or `network_output([x_t, t, labels])` -> the network's raw
+            prediction (epsilon or v); see `keras_ddpm.generation.Generator`.
         schedule, objective: how to read that output (`NoiseSchedule.split_prediction`).
         labels: int32 [B] for a conditional network, else None.
         null_label: the network's null label id (its `num_classes`), used by guidance.
@@ -53,20 +55,20 @@ def make_denoiser(predict, schedule, objective, labels=None, null_label=None, gu
     """
     guidance = tf.cast(guidance, tf.float32)
 
-    def predict_guided(x_t, t):
+    def guided_output(x_t, t):
         if labels is None:
-            return predict([x_t, t])
+            return network_output([x_t, t])
 
         def guided():
             null_labels = tf.fill(tf.shape(labels), null_label)
-            both = predict([tf.concat([x_t, x_t], 0), tf.concat([t, t], 0), tf.concat([labels, null_labels], 0)])
+            both = network_output([tf.concat([x_t, x_t], 0), tf.concat([t, t], 0), tf.concat([labels, null_labels], 0)])
             conditional, unconditional = tf.split(both, 2)
             return unconditional + guidance * (conditional - unconditional)
 
-        return tf.cond(guidance == 1.0, lambda: predict([x_t, t, labels]), guided)
+        return tf.cond(guidance == 1.0, lambda: network_output([x_t, t, labels]), guided)
 
     def denoise(x_t, t):
-        pred_images, pred_noises = schedule.split_prediction(predict_guided(x_t, t), x_t, t, objective)
+        pred_images, pred_noises = schedule.split_prediction(guided_output(x_t, t), x_t, t, objective)
         if clip_denoised:
             pred_images = tf.clip_by_value(pred_images, -1.0, 1.0)
             pred_noises = schedule.noise_from_x0(x_t, t, pred_images)
