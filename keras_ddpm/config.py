@@ -3,7 +3,8 @@
 A field's default is the recipe's value (`celeba.flags`, the reference); its `help` metadata is the text of
 the command-line flag that `keras_ddpm.cli` derives from the field, so a default or its description cannot
 drift between the scripts, `config.json` and the library. Run directories store both as `config.json`
-(`keras_ddpm.runs`). `build_unet` and `DiffusionModel` take the same defaults (tests/test_config.py pins them).
+(`keras_ddpm.runs`). `DiffusionModel` and `NoiseSchedule` take the same defaults; `build_unet` too, except its
+`width`, `attention_resolutions` and `dropout` (see tests/test_config.py, which pins them).
 
 This module imports none of the model code (`ModelConfig.build` does, when called), so defining the scripts'
 flags loads no U-Net, sampler or metric.
