@@ -12,7 +12,7 @@ Arms (each is `train.py --flagfile=flags/celeba32_cpu.flags` plus the flags show
 
 Every arm trains `--train_steps` steps at the recipe's batch and seed into `<root>/<arm>` (rerunning resumes an
 interrupted arm and skips a finished one), then is scored on its final EMA weights: SWD and the face metric
-(`keras_ddpm.face_metric`) of `--num_images` DDIM-50 samples (eta 1) against as many held-out faces, and the
+(`keras_ddpm.metrics.face`) of `--num_images` DDIM-50 samples (eta 1) against as many held-out faces, and the
 NLL bound on `--nll_images` held-out faces. Prints `key value` lines per arm: `<arm>_swd_mean`,
 `<arm>_face_rate`, `<arm>_face_fd`, `<arm>_face_landmark_fd`, `<arm>_nll_bpd`, `<arm>_train_seconds` (and the
 real faces' floor once, as `floor_face_fd` and `floor_face_landmark_fd`), and writes `<root>/ablation.json`.

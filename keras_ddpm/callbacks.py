@@ -10,8 +10,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_ddpm import face_metric, files, plots
+from keras_ddpm import files, plots
 from keras_ddpm.generation import generate_in_batches
+from keras_ddpm.metrics import face as face_metric
 from keras_ddpm.metrics import sliced_wasserstein_distance
 from keras_ddpm.runs import is_diverged, optimizer_step, weights_problem
 
@@ -215,7 +216,7 @@ class SWDMonitor(keras.callbacks.Callback):
     callbacks in list order, so only the callbacks after this one see `swd`. The first epoch is always
     measured so that a CSV log has the `swd` column from its first row; epochs that are not measured show `NA`.
 
-    With `face=True` the same samples are also scored by the face metric (`keras_ddpm.face_metric`: MTCNN,
+    With `face=True` the same samples are also scored by the face metric (`keras_ddpm.metrics.face`: MTCNN,
     offline), logged beside SWD as `face_rate`, `face_fd` and `face_landmark_fd`; SWD still picks the best
     weights. It adds a few seconds per measurement on a CPU for 512 images (the real faces are embedded once).
 

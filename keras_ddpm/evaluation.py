@@ -25,8 +25,9 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from keras_ddpm import __version__, face_metric, samplers
+from keras_ddpm import __version__, samplers
 from keras_ddpm import metrics as metric_functions
+from keras_ddpm.metrics import face as face_metric
 from keras_ddpm.data import load_images
 from keras_ddpm.errors import NotOurSavedModelError
 from keras_ddpm.export import find_version_dir, read_metadata
@@ -220,7 +221,7 @@ def evaluate(
         dataset, data_dir, crop: the real images; default: what the model was trained on (run config or
             SavedModel metadata), else CelebA with the `celeba64` crop from `CELEBA_DIR`.
         split: the held-out split the real images come from.
-        metrics: names from `METRICS` (a list or "swd,nll"); `face` is `keras_ddpm.face_metric.face_report`
+        metrics: names from `METRICS` (a list or "swd,nll"); `face` is `keras_ddpm.metrics.face.face_report`
             (MTCNN, weights from the installed `mtcnn` package).
         num_images: samples and real images for SWD, FID, KID and the face metric.
         sampler, steps, eta: how samples are drawn; default: the SavedModel's own sampler, step count and eta
