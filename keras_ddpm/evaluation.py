@@ -2,8 +2,8 @@
 
 `evaluate()` is what `python evaluate.py` runs:
 
->>> results = evaluate("runs/celeba64", metrics=("swd", "nll"), num_images=2000)
->>> print(format_table(results))
+    results = evaluate("runs/celeba64", metrics=("swd", "nll"), num_images=2000)  # a trained run directory
+    print(format_table(results))
 
 The model is a training run directory or a SavedModel folder (`keras_ddpm.runs.load_generator`). The
 real images are the first images of the dataset's held-out split, cropped and resized like the training data

@@ -90,10 +90,11 @@ def export_savedmodel(
     Returns:
         The version folder.
 
-    Example:
-    >>> path = export_savedmodel(model, "savedmodel", version=1, metadata={"dataset": "celeba"})
-    >>> loaded = tf.saved_model.load(str(path))
-    >>> images = loaded.signatures["serving_default"](seed=tf.constant([1, 2], tf.int64))["images"]
+    Example (with a trained `model`; tests/test_export.py runs the same steps):
+
+        path = export_savedmodel(model, "savedmodel", version=1, metadata={"dataset": "celeba"})
+        loaded = tf.saved_model.load(str(path))
+        images = loaded.signatures["serving_default"](seed=tf.constant([1, 2], tf.int64))["images"]
     """
     if not isinstance(model, DiffusionModel):
         raise TypeError(f"export_savedmodel needs a DiffusionModel, got {type(model).__name__}.")

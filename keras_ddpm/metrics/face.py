@@ -24,8 +24,10 @@ detected boxes: an image in which no face is found still enters both distances (
 whatever it shows, far from a face's, so a model that never draws a face cannot score well by
 being ignored), and a face drawn out of place is seen out of place instead of being re-centred.
 
->>> report = face_report(samples, held_out_faces, reference=training_faces)
->>> report["face_fd"], report["face_fd_real"]   # samples vs held-out, and the real-vs-real floor
+Example (uint8 face images [N, H, W, 3]; tests/test_face_metric.py runs it on CelebA):
+
+    report = face_report(samples, held_out_faces, reference=training_faces)
+    report["face_fd"], report["face_fd_real"]   # samples vs held-out, and the real-vs-real floor
 """
 
 import functools

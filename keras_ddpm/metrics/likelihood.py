@@ -237,9 +237,11 @@ def nll_bits_per_dim(
         draws (each image's estimate is unbiased and images are independent; NaN for one image);
         `"num_images"` and `"num_timestep_draws"` (K as used, at most T - 1).
 
-    Example:
-    >>> result = nll_bits_per_dim(lambda x_t, t: model.ema_network([x_t, t]), model.schedule, model.objective, images)
-    >>> print(f"{result['bpd']:.3f} +- {result['stderr']:.3f} bits/dim")
+    Example (with a trained unconditional `model` and uint8 `images`; tests/test_nll.py runs it on a closed form):
+
+        output = lambda x_t, t: model.network_output([x_t, t])
+        result = nll_bits_per_dim(output, model.schedule, model.objective, images)
+        print(f"{result['bpd']:.3f} +- {result['stderr']:.3f} bits/dim")
     """
     images = check_images(images_uint8, "images_uint8")
     terms = variational_bound(
