@@ -1,4 +1,4 @@
-"""The face metric (keras_ddpm.face_metric): landmark geometry in closed form, offline weights, real CelebA faces.
+"""The face metric (keras_ddpm.metrics.face): landmark geometry in closed form, offline weights, real CelebA faces.
 
 The Frechet distance itself is checked against closed forms in test_metrics.py; here the landmark
 normalisation and the distance of known geometry shifts, then MTCNN on real faces (tests that need
