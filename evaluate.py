@@ -56,8 +56,7 @@ def main(argv):
     quiet_logs()
     with report_errors("evaluate.py", FLAGS.traceback):
         from keras_ddpm import evaluation
-        from keras_ddpm.config import write_json
-        from keras_ddpm.plots import check_writable
+        from keras_ddpm.files import check_writable, write_json
 
         metrics = evaluation.parse_metrics(FLAGS.metrics)
         model = FLAGS.model or None

@@ -50,17 +50,18 @@ def main(argv):
 
         import numpy as np
 
-        from keras_ddpm import plots
-        from keras_ddpm.generation import generate_in_batches, load_generator, resolve_eta
+        from keras_ddpm import files, plots
+        from keras_ddpm.generation import generate_in_batches
+        from keras_ddpm.runs import load_generator
 
-        output = plots.check_output_file(FLAGS.output)  # before sampling, which can take minutes
+        output = files.check_output_file(FLAGS.output)  # before sampling, which can take minutes
         if FLAGS.save_npz:
-            plots.check_output_file(FLAGS.save_npz)
+            files.check_output_file(FLAGS.save_npz)
         if FLAGS.image_dir and pathlib.Path(FLAGS.image_dir).is_file():
             raise NotADirectoryError(f"--image_dir={FLAGS.image_dir} is a file; give a folder.")
         generator = load_generator(FLAGS.model)
         print(f"Model {FLAGS.model}:\n{describe(generator)}")
-        options = dict(sampler=FLAGS.sampler, steps=FLAGS.steps, eta=resolve_eta(generator, FLAGS.eta),
+        options = dict(sampler=FLAGS.sampler, steps=FLAGS.steps, eta=FLAGS.eta,
                        spacing=FLAGS.spacing, guidance=FLAGS.guidance, labels=FLAGS.label)
         if generator.num_classes and FLAGS.label is None:
             options["labels"] = np.arange(FLAGS.num_images) % generator.num_classes  # classes in turn
@@ -72,7 +73,7 @@ def main(argv):
                 plots.save_png(pathlib.Path(FLAGS.image_dir) / f"{FLAGS.seed + index:06d}.png", image)
             print(f"Wrote {len(images)} PNGs to {FLAGS.image_dir}.")
         if FLAGS.save_npz:
-            plots.save_npz(FLAGS.save_npz, images=images)
+            files.save_npz(FLAGS.save_npz, images=images)
             print(f"Wrote {FLAGS.save_npz} (images {images.shape} uint8).")
         if FLAGS.process_strip:
             for path in plots.process_figures(generator, output.parent, FLAGS.data_dir, seed=FLAGS.seed, **options):

@@ -21,7 +21,7 @@ The clock is the machine's, so run the ablation alone on the machine. An arm int
 is restarted from scratch when the ablation is rerun (its lost time cannot be credited fairly); a finished arm
 (`<run>/budget.json`) is skipped. With `--train_steps` instead, every arm trains that many steps (resumable).
 
-Scoring, on the final EMA weights: SWD and the face metric (`keras_ddpm.face_metric`) of `--num_images` DDIM-50
+Scoring, on the final EMA weights: SWD and the face metric (`keras_ddpm.metrics.face`) of `--num_images` DDIM-50
 samples (eta 1) against as many held-out faces, and the NLL bound on `--nll_images` held-out faces. Prints
 `key value` lines per run (`<arm>_s<seed>_swd_mean`, `_face_rate`, `_face_fd`, `_face_landmark_fd`, `_nll_bpd`,
 `_train_seconds`, `_steps`), the real faces' floor once (`floor_face_fd`, `floor_face_landmark_fd`), and writes

@@ -1,7 +1,7 @@
 """Helpers shared by the benchmark scripts: the recipe models, timing and peak memory.
 
-The recipes' flagfiles are read through train.py's own flag definitions and `configs_from_flags()`, so a
-benchmark builds exactly the model that `python train.py --flagfile=...` trains.
+The recipes' flagfiles are read through train.py's own flag definitions (`keras_ddpm.cli`), so a benchmark
+builds exactly the model that `python train.py --flagfile=...` trains.
 """
 
 import pathlib
@@ -23,12 +23,9 @@ def recipe_configs(name: str):
     """(ModelConfig, TrainConfig) of the recipe `name` ("cpu" or "gpu_recipe"), parsed as train.py parses it."""
     if name not in RECIPES:
         raise ValueError(f"Unknown recipe {name!r}; choose one of {sorted(RECIPES)}.")
-    import train  # train.py at the top of the repository; defining its flags has no other side effect
+    from keras_ddpm.cli import configs_from_flagfile
 
-    # Back to the defaults first: absl keeps the values of an earlier parse for flags a flagfile leaves out.
-    train.FLAGS.unparse_flags()
-    train.FLAGS(["train.py", f"--flagfile={RECIPES[name]}"])
-    return train.configs_from_flags()
+    return configs_from_flagfile(RECIPES[name])
 
 
 def median_seconds(function, repeats: int) -> float:

@@ -23,7 +23,8 @@ import common  # noqa: E402  (puts the repository on sys.path)
 import numpy as np  # noqa: E402
 from swd_scale import DEFAULT_DATA_DIR, add_noise, blur, pixelate  # noqa: E402
 
-from keras_ddpm import data, face_metric, metrics  # noqa: E402
+from keras_ddpm import data, metrics  # noqa: E402
+from keras_ddpm.metrics import face as face_metric  # noqa: E402
 
 # Rows of the eye band as fractions of the image height: MTCNN puts CelebA-64 eyes at 0.43 H (std 0.015 H).
 EYE_BAND = (0.34, 0.50)

@@ -66,7 +66,7 @@ def fingerprints(arrays) -> list:
 
 def restored_exactly(run_dir: pathlib.Path) -> tuple[int, dict, bool]:
     """(step, EMA tensors, whether load_run restored them bit for bit) of the newest checkpoint that loads."""
-    from keras_ddpm.training import load_run
+    from keras_ddpm.runs import load_run
 
     model, _ = load_run(run_dir)  # read-only: logs and skips a checkpoint the kill left unreadable
     path = next(path for path in reversed(tf.train.get_checkpoint_state(str(run_dir / "checkpoints"))

@@ -11,7 +11,7 @@ training faces against the same held-out faces: what a perfect model would score
 Prints `key value` lines, one run at a time:
 
     floor_swd_mean                       real training faces vs the held-out faces
-    floor_face_fd, floor_face_landmark_fd   the same for the face metric (keras_ddpm.face_metric)
+    floor_face_fd, floor_face_landmark_fd   the same for the face metric (keras_ddpm.metrics.face)
     held_out_face_rate                   share of held-out faces in which MTCNN finds a face
     <run>_swd_mean                       samples vs the held-out faces (x1e3, lower is better); <run> is
                                          e.g. ddim_50 or ddim_50_eta1
@@ -31,9 +31,11 @@ import time
 
 import common  # noqa: F401  (puts the repository on sys.path)
 
-from keras_ddpm import face_metric, metrics, plots
+from keras_ddpm import metrics, plots
 from keras_ddpm.data import load_images
-from keras_ddpm.generation import generate_in_batches, load_generator
+from keras_ddpm.metrics import face as face_metric
+from keras_ddpm.generation import generate_in_batches
+from keras_ddpm.runs import load_generator
 
 
 def parse_run(text: str) -> tuple[str, int, float]:

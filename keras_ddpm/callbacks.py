@@ -10,49 +10,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_ddpm import face_metric, plots
+from keras_ddpm import files, plots
 from keras_ddpm.generation import generate_in_batches
+from keras_ddpm.metrics import face as face_metric
 from keras_ddpm.metrics import sliced_wasserstein_distance
+from keras_ddpm.runs import is_diverged, optimizer_step, weights_problem
 
 logger = logging.getLogger(__name__)
-
-# Predicting zeros scores a loss of about 1 (the targets, noise or v, have unit variance at most), so a network
-# 100 times worse than that has diverged even while its loss is still a finite number.
-DIVERGED_LOSS = 100.0
-
-
-
-def optimizer_step(model) -> int:
-    """The optimizer's step count: the run's clock. (`int()` of a multi-worker variable fails; `.numpy()` works.)"""
-    return int(model.optimizer.iterations.numpy())
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN, infinite or huge; only checkpoints of weights that trained well are kept."""
-
-
-def is_diverged(loss) -> bool:
-    """A loss that is not finite or that is far worse than predicting zeros (see `DIVERGED_LOSS`)."""
-    loss = float(loss)
-    return not math.isfinite(loss) or loss > DIVERGED_LOSS
-
-
-def weights_problem(model, probe_images, probe_labels=None) -> str | None:
-    """Why the model's current weights must not be checkpointed, or None when they are fine.
-
-    The weights after an update have not produced a loss yet (the last batch's loss came from the weights
-    before it), and one wild update can wreck them while every logged loss is still small. So all
-    variables must be finite, and the network and its EMA copy must score a sane loss on `probe_images`.
-    """
-    variables = [*model.network.weights, *model.ema_network.weights, *model.optimizer.variables]
-    for variable in variables:
-        if "float" in str(variable.dtype) and not np.isfinite(keras.ops.convert_to_numpy(variable)).all():
-            return f"variable {variable.path} is not finite"
-    for name in ("network", "ema_network"):
-        loss = float(model.diffusion_loss(getattr(model, name), probe_images, probe_labels, training=False))
-        if is_diverged(loss):
-            return f"the {name.replace('_', ' ')} scores a loss of {loss:.4g} on a probe batch"
-    return None
-
 
 class RunProgress(keras.callbacks.Callback):
     """Adds `step`, `images_seen`, `lr` and (under mixed precision) `loss_scale` to each epoch's logs.
@@ -175,12 +139,10 @@ class CSVLog(keras.callbacks.Callback):
         if self.path.exists():
             with open(self.path, newline="") as file:
                 rows = list(csv.DictReader(file))
-        partial = self.path.with_name(self.path.name + ".partial")
-        with open(partial, "w", newline="") as file:
+        with files.atomic_path(self.path) as partial, open(partial, "w", newline="") as file:
             writer = csv.DictWriter(file, header, restval="NA")
             writer.writeheader()
             writer.writerows(rows)
-        partial.replace(self.path)
 
 
 class SampleGrid(keras.callbacks.Callback):
@@ -254,7 +216,7 @@ class SWDMonitor(keras.callbacks.Callback):
     callbacks in list order, so only the callbacks after this one see `swd`. The first epoch is always
     measured so that a CSV log has the `swd` column from its first row; epochs that are not measured show `NA`.
 
-    With `face=True` the same samples are also scored by the face metric (`keras_ddpm.face_metric`: MTCNN,
+    With `face=True` the same samples are also scored by the face metric (`keras_ddpm.metrics.face`: MTCNN,
     offline), logged beside SWD as `face_rate`, `face_fd` and `face_landmark_fd`; SWD still picks the best
     weights. It adds a few seconds per measurement on a CPU for 512 images (the real faces are embedded once).
 
@@ -335,11 +297,7 @@ class SWDMonitor(keras.callbacks.Callback):
         """Write the EMA weights, then their record; each file is replaced atomically."""
         if self.best_weights_path is None:
             return
-        self.best_weights_path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.best_weights_path.with_name("partial." + self.best_weights_path.name)
-        self.model.ema_network.save_weights(partial)
-        partial.replace(self.best_weights_path)
+        with files.atomic_path(self.best_weights_path) as partial:
+            self.model.ema_network.save_weights(partial)
         record = {"swd": swd, "epoch": epoch + 1, "step": optimizer_step(self.model)}
-        partial_record = self.best_record_path.with_name(self.best_record_path.name + ".partial")
-        partial_record.write_text(json.dumps(record) + "\n")
-        partial_record.replace(self.best_record_path)
+        files.write_text(self.best_record_path, json.dumps(record) + "\n")

@@ -1,16 +1,31 @@
-"""What the command-line scripts share: turning expected failures into one clear line and a non-zero exit."""
+"""What the command-line scripts share: their flags, derived from the config dataclasses, and turning expected
+failures into one clear line and a non-zero exit.
+
+Importing this module loads none of the model, sampling or metric code (nor scipy): a script's flags and error
+handler need only the config dataclasses and the exception classes.
+"""
 
 import contextlib
+import dataclasses
 import logging
 import sys
+import typing
 
-import tensorflow as tf
+from absl import flags
 
-from keras_ddpm.callbacks import TrainingDiverged
+from keras_ddpm.config import ModelConfig, TrainConfig
+from keras_ddpm.errors import TrainingDiverged
 
-# Failures that come from the user's input (flags, files, data), as opposed to bugs.
+# Failures that come from the user's input (flags, files, data), as opposed to bugs. TensorFlow's
+# InvalidArgumentError (a bad request to a SavedModel) joins them when TensorFlow is loaded: see `user_errors`.
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError,
-               TrainingDiverged, tf.errors.InvalidArgumentError)
+               TrainingDiverged)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """`USER_ERRORS`, plus TensorFlow's InvalidArgumentError once TensorFlow is loaded (only then can it occur)."""
+    tensorflow = sys.modules.get("tensorflow")
+    return USER_ERRORS + ((tensorflow.errors.InvalidArgumentError,) if tensorflow else ())
 
 
 @contextlib.contextmanager
@@ -18,8 +33,8 @@ def report_errors(program: str, show_traceback: bool = False):
     """Print `program: error: <message>` and exit with status 1 on a user error (unless `show_traceback`)."""
     try:
         yield
-    except USER_ERRORS as error:
-        if show_traceback:
+    except Exception as error:
+        if show_traceback or not isinstance(error, user_errors()):
             raise
         message = getattr(error, "message", None) or str(error)
         print(f"{program}: error: {message.strip()}", file=sys.stderr)
@@ -32,5 +47,87 @@ def report_errors(program: str, show_traceback: bool = False):
 
 def quiet_logs():
     """Keep TensorFlow's INFO chatter (checkpoint sharding, XLA) out of the scripts' output; ours stays."""
-    tf.get_logger().setLevel(logging.WARNING)
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)  # the logger tf.get_logger() returns
     logging.getLogger("keras_ddpm").setLevel(logging.INFO)
+
+
+# -- flags from the config dataclasses --------------------------------------------------------------------
+
+def flag_name(field: dataclasses.Field) -> str | None:
+    """The flag of a config field: its name, or the `flag` of its metadata ("" = no flag)."""
+    name = field.metadata.get("flag")
+    return field.name if name is None else (name or None)
+
+
+def define_flag(field: dataclasses.Field, flag_values: flags.FlagValues, default=dataclasses.MISSING) -> None:
+    """Define the absl flag of a config field, of the field's type, with its default and help text."""
+    name, help_text, choices = flag_name(field), field.metadata["help"], field.metadata.get("choices")
+    default = field.default if default is dataclasses.MISSING else default
+    kind = typing.get_args(field.type) or (field.type,)  # `int | None` -> (int, None)
+    if choices:
+        flags.DEFINE_enum(name, default, list(choices), help_text, flag_values=flag_values)
+    elif tuple in kind or field.type == tuple[int, ...]:
+        flags.DEFINE_list(name, [str(value) for value in default], help_text, flag_values=flag_values)
+    elif bool in kind:
+        flags.DEFINE_boolean(name, default, help_text, flag_values=flag_values)
+    elif int in kind:
+        flags.DEFINE_integer(name, default, help_text, flag_values=flag_values)
+    elif float in kind:
+        flags.DEFINE_float(name, default, help_text, flag_values=flag_values)
+    else:
+        flags.DEFINE_string(name, default, help_text, flag_values=flag_values)
+
+
+# Flags whose default is not the dataclass's: it depends on the dataset (None = the dataset's own).
+DATASET_DEPENDENT_DEFAULTS = {"image_size": None}
+
+
+def define_train_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Define train.py's flags: one per field of ModelConfig and TrainConfig, plus what is no config field."""
+    for config_class in (TrainConfig, ModelConfig):
+        for field in dataclasses.fields(config_class):
+            if flag_name(field):
+                define_flag(field, flag_values, DATASET_DEPENDENT_DEFAULTS.get(field.name, dataclasses.MISSING))
+    flags.DEFINE_boolean("conditional", None, "Class-conditional model; default: when the dataset has labels.",
+                         flag_values=flag_values)
+    flags.DEFINE_string("output_dir", "runs/default", "Run directory (checkpoints, logs, grids, SavedModel).",
+                        flag_values=flag_values)
+    flags.DEFINE_boolean("traceback", False, "Show the full traceback on errors.", flag_values=flag_values)
+
+
+def field_value(field: dataclasses.Field, flag_values: flags.FlagValues):
+    """A config field's value from its flag, converted to the field's type (lists to tuples, 'none' to None)."""
+    value = flag_values[flag_name(field)].value
+    if field.type == tuple[int, ...]:
+        return tuple(int(item) for item in value)
+    if field.name == "cache" and value == "none":
+        return None
+    return value
+
+
+def configs_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> tuple[ModelConfig, TrainConfig]:
+    """(ModelConfig, TrainConfig) of parsed train.py flags; the dataset sets image channels, classes and size."""
+    from keras_ddpm.data import dataset_info
+
+    def values(config_class) -> dict:
+        return {field.name: field_value(field, flag_values) for field in dataclasses.fields(config_class)
+                if flag_name(field)}
+
+    train_values = values(TrainConfig)
+    info = dataset_info(train_values["dataset"])
+    conditional = flag_values["conditional"].value
+    conditional = info.num_classes > 0 if conditional is None else conditional
+    if conditional and not info.num_classes:
+        raise ValueError(f"--conditional needs a dataset with labels; {train_values['dataset']} has none.")
+    model_values = values(ModelConfig)
+    model_values.update(image_size=model_values["image_size"] or info.image_size, channels=info.channels,
+                        num_classes=info.num_classes if conditional else 0)
+    return ModelConfig(**model_values), TrainConfig(**train_values)
+
+
+def configs_from_flagfile(path) -> tuple[ModelConfig, TrainConfig]:
+    """The configs `python train.py --flagfile=<path>` trains, parsed into flags of their own (not absl's global ones)."""
+    flag_values = flags.FlagValues()
+    define_train_flags(flag_values)
+    flag_values(["train.py", f"--flagfile={path}"])
+    return configs_from_flags(flag_values)

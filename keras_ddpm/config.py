@@ -1,12 +1,39 @@
-"""`ModelConfig`: everything needed to rebuild a `DiffusionModel`, stored as `config.json` in a run directory."""
+"""`ModelConfig` and `TrainConfig`: the one place where the project's defaults live.
+
+A field's default is the recipe's value (`celeba.flags`, the reference); its `help` metadata is the text of
+the command-line flag that `keras_ddpm.cli` derives from the field, so a default or its description cannot
+drift between the scripts, `config.json` and the library. Run directories store both as `config.json`
+(`keras_ddpm.runs`). `DiffusionModel` and `NoiseSchedule` take the same defaults; `build_unet` too, except its
+`width`, `attention_resolutions` and `dropout` (see tests/test_config.py, which pins them).
+
+This module imports none of the model code (`ModelConfig.build` does, when called), so defining the scripts'
+flags loads no U-Net, sampler or metric.
+"""
 
 import dataclasses
-import json
-import pathlib
+from typing import Any
 
-from keras_ddpm.model import DiffusionModel
-from keras_ddpm.schedule import NoiseSchedule
-from keras_ddpm.unet import build_unet
+DATASETS = ("celeba", "celeba_tfds", "fashion_mnist", "cifar10", "synthetic")
+CROPS = ("celeba64", "center140")
+SCHEDULES = ("linear", "cosine")
+OBJECTIVES = ("epsilon", "v")
+LOSS_WEIGHTINGS = ("none", "min_snr")
+SAMPLERS = ("ddpm", "ddim", "dpm++")
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
+
+
+def setting(default: Any, help: str, choices: tuple | None = None, flag: str | None = None) -> Any:
+    """A dataclass field with a default and the help text of its flag.
+
+    Args:
+        default: the default value (tuples for sequences: the dataclasses are frozen and hashable).
+        help: the flag's help text.
+        choices: the allowed values, for an enum flag.
+        flag: the flag's name when it differs from the field's; "" for a field that has no flag.
+    """
+    metadata = {"help": help, "choices": choices, "flag": flag}
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -14,32 +41,45 @@ class ModelConfig:
     """The U-Net, schedule and objective of a diffusion model (see `build_unet` and `DiffusionModel` for each field).
 
     Example:
-    >>> model = ModelConfig(image_size=32, width=32, channel_multipliers=(1, 2)).build()
+    >>> config = ModelConfig(image_size=32, width=32, channel_multipliers=(1, 2), dropout=0.0)
+    >>> config.to_dict()["width"]
+    32
     """
 
-    image_size: int = 64
-    channels: int = 3
-    num_classes: int = 0
-    width: int = 128
-    channel_multipliers: tuple[int, ...] = (1, 2, 2, 2)
-    num_res_blocks: int = 2
-    attention_resolutions: tuple[int, ...] = (16,)
-    bottleneck_attention: bool = True
-    num_heads: int = 4
-    dropout: float = 0.1
-    norm_groups: int = 32
-    schedule: str = "linear"
-    num_timesteps: int = 1000
-    objective: str = "epsilon"
-    loss_weighting: str = "none"
-    ema_decay: float = 0.9999
-    label_dropout: float = 0.1
+    image_size: int = setting(64, "Image side; default: the dataset's usual size.")
+    channels: int = setting(3, "Image channels (set by the dataset).", flag="")
+    num_classes: int = setting(0, "Real classes of a conditional model, 0 if unconditional (set by the dataset).",
+                               flag="")
+    width: int = setting(128, "Channels at the first U-Net level.")
+    channel_multipliers: tuple[int, ...] = setting((1, 2, 2, 2), "Width multiplier per resolution level.")
+    num_res_blocks: int = setting(2, "Residual blocks per level.")
+    attention_resolutions: tuple[int, ...] = setting(
+        (16,), "Resolutions with self-attention (besides the bottleneck).")
+    bottleneck_attention: bool = setting(True, "Self-attention in the middle block.")
+    num_heads: int = setting(4, "Attention heads.")
+    dropout: float = setting(0.1, "Dropout in residual blocks.")
+    norm_groups: int = setting(32, "GroupNormalization groups.")
+    schedule: str = setting("linear", "Noise schedule.", SCHEDULES)
+    num_timesteps: int = setting(1000, "Diffusion steps T.")
+    beta_start: float = setting(1e-4, "beta_1 of the linear schedule (Ho et al. 2020).")
+    beta_end: float = setting(0.02, "beta_T of the linear schedule (Ho et al. 2020).")
+    objective: str = setting("epsilon", "What the network predicts.", OBJECTIVES)
+    loss_weighting: str = setting("none", "Loss weighting over timesteps.", LOSS_WEIGHTINGS)
+    min_snr_gamma: float = setting(5.0, "gamma of min-SNR-gamma loss weighting (Hang et al. 2023).")
+    ema_decay: float = setting(0.9999, "EMA decay of the sampling weights.")
+    label_dropout: float = setting(0.1, "Classifier-free guidance: probability of the null label in training.")
 
-    def build(self, seed: int | None = None) -> DiffusionModel:
+    def build(self, seed: int | None = None, metadata: dict | None = None) -> "DiffusionModel":  # noqa: F821
         """A fresh `DiffusionModel` (build it inside a `tf.distribute` scope to place its variables there).
 
         `seed` seeds its training draws (see `DiffusionModel`); every worker of a multi-worker run passes the same.
+        `metadata` adds descriptive entries (such as the dataset) to the model's `metadata`.
         """
+        # Imported here, not at the top: defining and parsing flags from this module must not load TensorFlow.
+        from keras_ddpm.model import DiffusionModel
+        from keras_ddpm.schedule import NoiseSchedule
+        from keras_ddpm.unet import build_unet
+
         network = build_unet(
             image_size=self.image_size,
             channels=self.channels,
@@ -55,12 +95,14 @@ class ModelConfig:
         )
         return DiffusionModel(
             network,
-            NoiseSchedule(self.schedule, self.num_timesteps),
+            NoiseSchedule(self.schedule, self.num_timesteps, self.beta_start, self.beta_end),
             objective=self.objective,
             loss_weighting=self.loss_weighting,
+            min_snr_gamma=self.min_snr_gamma,
             ema_decay=self.ema_decay,
             label_dropout=self.label_dropout,
             seed=seed,
+            metadata=metadata,
         )
 
     def to_dict(self) -> dict:
@@ -68,6 +110,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelConfig":
+        """The config of a `to_dict()`; keys added to the class since (e.g. `min_snr_gamma`) take their defaults."""
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = set(values) - known
         if unknown:
@@ -76,14 +119,56 @@ class ModelConfig:
         return cls(**values)
 
 
-def read_json(path) -> dict:
-    with open(path) as file:
-        return json.load(file)
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How to train: data, optimisation, precision, distribution, logging (each field's `help` says what it does)."""
 
+    # Data
+    dataset: str = setting("celeba", "Training data.", DATASETS)
+    data_dir: str | None = setting(None, "CelebA image folder (or its parent); TFDS data dir for TFDS datasets.")
+    crop: str = setting("celeba64", "CelebA crop box (see keras_ddpm/data/celeba.py).", CROPS)
+    cache: str | None = setting("memory", "tf.data cache after crop+resize: 'memory', a directory, or 'none'.")
+    # Optimisation
+    learning_rate: float = setting(2e-4, "Peak Adam learning rate.")
+    warmup_steps: int = setting(5000, "Linear learning-rate warm-up steps.")
+    weight_decay: float = setting(0.0, "Decoupled weight decay.")
+    clipnorm: float | None = setting(1.0, "Global gradient-norm clip (0 = off).")
+    batch_size: int = setting(128, "Global batch size (split across replicas).")
+    train_steps: int = setting(100_000, "Total optimizer steps.")
+    steps_per_epoch: int = setting(1000, "Steps per Keras epoch; a checkpoint, a log row and maybe a grid each.")
+    keep_checkpoints: int = setting(3, "Checkpoints kept (only weights that train well are saved).")
+    restore_checkpoint: int | None = setting(
+        None, "Resume from checkpoints/ckpt-N (N = its step) instead of the newest; newer checkpoints are deleted.")
+    # Hardware
+    precision: str = setting(
+        "auto", "auto: mixed_float16 on a GPU, mixed_bfloat16 on a CPU with native bf16 (AMX-BF16 or AVX512_BF16), "
+        "float32 elsewhere.", PRECISIONS)
+    jit_compile: bool = setting(False, "Compile the train step with XLA (jit_compile).", flag="xla")
+    strategy: str = setting("auto", "tf.distribute strategy.", STRATEGIES)
+    # Run
+    seed: int = setting(0, "Random seed.")
+    sample_every_epochs: int = setting(1, "Sample-grid interval in epochs.")
+    num_samples: int = setting(64, "Images in each sample grid.")
+    sample_steps: int = setting(50, "DDIM steps for the sample grids.")
+    validation_images: int = setting(0, "Held-out images for val_loss each epoch (0 = none).")
+    swd_every_epochs: int = setting(
+        0, "Log the SWD of EMA samples vs validation images every N epochs and keep best_ema.weights.h5 (0 = off).")
+    swd_images: int = setting(512, "Samples and validation images per SWD measurement.")
+    monitor_face: bool = setting(
+        False, "With --swd_every_epochs: also log face_rate, face_fd and face_landmark_fd (MTCNN, offline) beside SWD.")
+    export: bool = setting(True, "Export <output_dir>/savedmodel/1 at the end.")
+    export_sampler: str = setting("ddim", "The export's default sampler (serving_default).", SAMPLERS)
+    export_steps: int = setting(50, "The export's default number of sampling steps.")
+    export_eta: float = setting(0.0, "The export's default DDIM eta in [0, 1]; also used for sample grids and SWD.")
+    export_max_batch: int = setting(
+        64, "Most seeds (or denoise images) one request to the export may hold; more fail with INVALID_ARGUMENT.")
+    verbose: int | str = setting("auto", "Keras' fit() verbosity.", flag="")
 
-def write_json(path, values: dict) -> None:
-    """Write JSON atomically: a crash leaves the old file or the new one, never half of one."""
-    path = pathlib.Path(path)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
-    partial.replace(path)
+    def __post_init__(self):
+        counts = ("batch_size", "train_steps", "steps_per_epoch", "keep_checkpoints", "sample_every_epochs",
+                  "num_samples", "sample_steps", "swd_images", "export_steps", "export_max_batch")
+        for name in counts:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.validation_images < 0 or self.swd_every_epochs < 0:
+            raise ValueError("validation_images and swd_every_epochs must be >= 0 (0 = off).")

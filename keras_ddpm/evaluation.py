@@ -2,10 +2,10 @@
 
 `evaluate()` is what `python evaluate.py` runs:
 
->>> results = evaluate("runs/celeba64", metrics=("swd", "nll"), num_images=2000)
->>> print(format_table(results))
+    results = evaluate("runs/celeba64", metrics=("swd", "nll"), num_images=2000)  # a trained run directory
+    print(format_table(results))
 
-The model is a training run directory or a SavedModel folder (`keras_ddpm.generation.load_generator`). The
+The model is a training run directory or a SavedModel folder (`keras_ddpm.runs.load_generator`). The
 real images are the first images of the dataset's held-out split, cropped and resized like the training data
 (`keras_ddpm.data.load_images`). Samples are drawn from the seeds `seed, seed + 1, ...` (image i is the same
 whatever the batch size), or taken from an `.npz` written by `sample.py --save_npz`.
@@ -25,12 +25,15 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from keras_ddpm import __version__, face_metric, samplers
+from keras_ddpm import __version__, samplers
 from keras_ddpm import metrics as metric_functions
-from keras_ddpm.config import read_json
+from keras_ddpm.metrics import face as face_metric
 from keras_ddpm.data import load_images
-from keras_ddpm.generation import generate_in_batches, load_generator, resolve_eta
-from keras_ddpm.model import DiffusionModel
+from keras_ddpm.errors import NotOurSavedModelError
+from keras_ddpm.export import find_version_dir, read_metadata
+from keras_ddpm.files import read_json
+from keras_ddpm.generation import Generator, generate_in_batches, sampling_defaults
+from keras_ddpm.runs import load_generator
 
 METRICS = ("swd", "fid", "kid", "nll", "nn", "face")
 DEFAULT_METRICS = ("swd", "nll")  # the two that need no pretrained weights at all
@@ -55,8 +58,6 @@ def model_defaults(path) -> dict:
 
     Reads JSON only (no model is loaded); returns what it finds, an empty dict for anything else.
     """
-    from keras_ddpm.export import NotOurSavedModelError, find_version_dir, read_metadata
-
     path = pathlib.Path(path)
     if (path / "config.json").is_file():
         config = read_json(path / "config.json")
@@ -101,27 +102,18 @@ def load_samples_npz(path) -> np.ndarray:
     return images
 
 
-def network_predictor(generator) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
-    """`predict(x_t, t)` -> the raw network output of a `DiffusionModel` (EMA weights) or SavedModel generator.
+def unconditional_output(generator: Generator) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
+    """`output(x_t, t)`: the generator's raw network output, for the null label if the model is conditional.
 
-    Conditional models are asked with the null label, so the NLL is that of the unconditional model p(x).
+    The NLL of a conditional model is thus that of its unconditional model p(x).
     """
     null_label = generator.num_classes
-    if isinstance(generator, DiffusionModel):
-        network = generator.ema_network
 
-        def predict(x_t, t):
-            labels = [tf.fill(tf.shape(t), null_label)] if null_label else []
-            return network([x_t, t, *labels], training=False)
+    def output(x_t, t):
+        labels = [tf.fill(tf.shape(t), tf.constant(null_label, tf.int32))] if null_label else []
+        return generator.network_output([x_t, t, *labels])
 
-        return predict
-    denoise = generator.loaded.signatures["denoise"]
-
-    def predict(x_t, t):
-        labels = {"label": tf.fill(tf.shape(t), tf.constant(null_label, tf.int32))} if null_label else {}
-        return denoise(x_t=x_t, t=t, **labels)["prediction"]
-
-    return predict
+    return output
 
 
 def nearest_neighbours(queries: np.ndarray, references: np.ndarray, chunk_size: int = 4096
@@ -229,7 +221,7 @@ def evaluate(
         dataset, data_dir, crop: the real images; default: what the model was trained on (run config or
             SavedModel metadata), else CelebA with the `celeba64` crop from `CELEBA_DIR`.
         split: the held-out split the real images come from.
-        metrics: names from `METRICS` (a list or "swd,nll"); `face` is `keras_ddpm.face_metric.face_report`
+        metrics: names from `METRICS` (a list or "swd,nll"); `face` is `keras_ddpm.metrics.face.face_report`
             (MTCNN, weights from the installed `mtcnn` package).
         num_images: samples and real images for SWD, FID, KID and the face metric.
         sampler, steps, eta: how samples are drawn; default: the SavedModel's own sampler, step count and eta
@@ -258,13 +250,17 @@ def evaluate(
     needs_model = "nll" in names or (bool(sample_metrics) and samples is None)
     if needs_model and model is None:
         raise ValueError("Pass a model (a run directory or SavedModel folder): NLL and drawing samples need one.")
-    defaults = model_defaults(model_path) if model_path is not None else dict(getattr(model, "metadata", None) or {})
-    generator = load_generator(model_path) if needs_model and model_path is not None else model
-    batch_size = min(batch_size, getattr(generator, "max_batch_size", None) or batch_size)  # an export's cap
+    if model_path is not None:  # a path: read its defaults, load it only when it must draw or score
+        defaults = model_defaults(model_path)
+        generator = load_generator(model_path) if needs_model else None
+    else:
+        defaults = dict(model.metadata) if model is not None else {}
+        generator = model
+    batch_size = min(batch_size, (generator.max_batch_size if generator is not None else None) or batch_size)  # an export's cap
     dataset = dataset or defaults.get("dataset") or "celeba"
     data_dir = data_dir or defaults.get("data_dir")
     crop = crop or defaults.get("crop") or "celeba64"
-    model_shape = getattr(generator, "image_shape", None) or defaults.get("image_shape")  # None: no model given
+    model_shape = generator.image_shape if generator is not None else defaults.get("image_shape")  # None: no model given
     image_shape = tuple(model_shape or samples.shape[1:])
     if samples is not None:
         samples = np.asarray(samples)[:num_images]
@@ -318,7 +314,7 @@ def evaluate(
         _say(verbose, f"NLL bound on {len(real_images[:nll_images])} real images ({nll_draws + 1} network calls each)")
         with _timed(seconds, "nll"), _failures_recorded(failed, "nll"):
             results["metrics"]["nll"] = metric_functions.nll_bits_per_dim(
-                network_predictor(generator), generator.schedule, generator.objective, real_images[:nll_images],
+                unconditional_output(generator), generator.schedule, generator.objective, real_images[:nll_images],
                 num_timestep_draws=nll_draws, batch_size=batch_size, seed=seed, verbose=verbose,
             )
     results["metrics"] = {name: results["metrics"][name] for name in names if name in results["metrics"]}
@@ -327,8 +323,7 @@ def evaluate(
 
 def _draw_samples(generator, num_images, sampler, steps, eta, seed, batch_size, verbose):
     """`num_images` samples from seeds `seed, seed + 1, ...` (classes in turn for a conditional model), and how."""
-    sampler = sampler or (getattr(generator, "metadata", None) or {}).get("sampler") or "ddim"
-    eta = resolve_eta(generator, eta)
+    sampler, eta = sampling_defaults(generator, sampler, eta)
     steps = steps or samplers.default_steps(sampler, generator.schedule.num_timesteps)
     labels = np.arange(num_images) % generator.num_classes if generator.num_classes else None
     _say(verbose, f"Sampling {num_images} images ({sampler}, {steps} steps)")

@@ -50,6 +50,7 @@ import tensorflow as tf
 
 from keras_ddpm import __version__
 from keras_ddpm import samplers
+from keras_ddpm.errors import DamagedSavedModelError, NotOurSavedModelError
 from keras_ddpm.model import DiffusionModel
 
 METADATA_FORMAT = "keras_ddpm.savedmodel"
@@ -59,14 +60,6 @@ METADATA_PATH = pathlib.PurePath("assets.extra", "keras_ddpm.json")
 # grow linearly with it: 1,000 seeds of the shipped 32x32 model took 4 minutes and 2.9 GiB on a 2-core CPU, while
 # 64 (sample.py's batch) add about 0.1 GiB to the 1 GiB a loaded export holds.
 DEFAULT_MAX_BATCH_SIZE = 64
-
-
-class NotOurSavedModelError(ValueError):
-    """A folder given to `load_savedmodel` is not a SavedModel written by `export_savedmodel`."""
-
-
-class DamagedSavedModelError(ValueError):
-    """An export of ours whose files TensorFlow cannot load (truncated, overwritten, partly deleted)."""
 
 
 def export_savedmodel(
@@ -97,10 +90,11 @@ def export_savedmodel(
     Returns:
         The version folder.
 
-    Example:
-    >>> path = export_savedmodel(model, "savedmodel", version=1, metadata={"dataset": "celeba"})
-    >>> loaded = tf.saved_model.load(str(path))
-    >>> images = loaded.signatures["serving_default"](seed=tf.constant([1, 2], tf.int64))["images"]
+    Example (with a trained `model`; tests/test_export.py runs the same steps):
+
+        path = export_savedmodel(model, "savedmodel", version=1, metadata={"dataset": "celeba"})
+        loaded = tf.saved_model.load(str(path))
+        images = loaded.signatures["serving_default"](seed=tf.constant([1, 2], tf.int64))["images"]
     """
     if not isinstance(model, DiffusionModel):
         raise TypeError(f"export_savedmodel needs a DiffusionModel, got {type(model).__name__}.")
@@ -262,13 +256,13 @@ def _serving_functions(model: DiffusionModel, sampler: str, default_steps: int, 
         seed, steps, eta, labels, guidance = _after(requirements, seed, steps, eta, labels, guidance)
         return {"images": samplers.to_uint8(sample(seed, steps, eta, labels, guidance))}
 
-    def predictions(x_t, t, label=None):
+    def denoise_response(x_t, t, label=None):
         x_t = tf.ensure_shape(x_t, [None, height, width, channels])
         t = tf.ensure_shape(t, [None])
         label, requirements = checks.labels(label, like=t)
         requirements += checks.timesteps(t, x_t) + checks.batch_size(t, "x_t images")
         inputs = _after(requirements, *([x_t, t] if label is None else [x_t, t, label]))
-        prediction = model.ema_network(inputs, training=False)
+        prediction = model.network_output(inputs)  # the EMA network
         denoised, noise = model.schedule.split_prediction(prediction, inputs[0], inputs[1], model.objective)
         return {"prediction": prediction, "denoised": denoised, "noise": noise}
 
@@ -292,7 +286,7 @@ def _serving_functions(model: DiffusionModel, sampler: str, default_steps: int, 
 
         @tf.function(input_signature=[x_t_spec, t_spec, label_spec])
         def denoise(x_t, t, label):
-            return predictions(x_t, t, label)
+            return denoise_response(x_t, t, label)
 
     else:
 
@@ -306,7 +300,7 @@ def _serving_functions(model: DiffusionModel, sampler: str, default_steps: int, 
 
         @tf.function(input_signature=[x_t_spec, t_spec])
         def denoise(x_t, t):
-            return predictions(x_t, t)
+            return denoise_response(x_t, t)
 
     return serving_default, generate, denoise
 

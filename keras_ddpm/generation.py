@@ -1,28 +1,173 @@
-"""One way to draw images from either a training run directory or an exported SavedModel.
+"""One way to turn seeds into images, for a `DiffusionModel` and for an exported SavedModel alike.
 
-`load_generator(path)` returns an object with `generate(...)` (the arguments of `DiffusionModel.generate`),
-`image_shape`, `num_classes`, `schedule`, `objective` and `metadata`:
+The `Generator` protocol is what sample.py, evaluate.py, the training callbacks and the figures draw from:
+`generate(...)` returns uint8 images, and `metadata` says what the model is and how it samples by default.
+Two classes implement it, through this module:
 
-- a run directory (holding config.json) gives its `DiffusionModel`, restored from the latest checkpoint;
-- a SavedModel gives a `SavedModelGenerator`, which calls the SavedModel's own `generate` signature for the
-  sampler it was exported with and, for other samplers or a trajectory, runs `keras_ddpm.samplers` on its
-  `denoise` signature. Either way an image is a function of its seed alone.
+- `keras_ddpm.model.DiffusionModel` (a model in memory, or a run directory's: `keras_ddpm.runs.load_generator`);
+- `SavedModelGenerator`, a SavedModel written by `keras_ddpm.export`: it calls the SavedModel's own `generate`
+  signature for the sampler it was exported with and, for other samplers or a trajectory, runs
+  `keras_ddpm.samplers` on its `denoise` signature.
+
+Both check a request with `check_request` (so they accept and refuse the same requests) and sample with
+`compile_sampler`, whose contract is: image i is a function of its seed alone (see `samplers.per_image_noise`),
+whatever the batch, the generator or the SavedModel signature it is drawn through.
 """
 
-import pathlib
+import dataclasses
+from typing import Callable, Protocol
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from keras_ddpm import samplers
-from keras_ddpm.config import read_json
-from keras_ddpm.model import check_request
 from keras_ddpm.schedule import NoiseSchedule
+
+# `network_output(inputs) -> tf.Tensor`: the network's raw prediction (epsilon or v, as `objective` says) for
+# `inputs = [x_t, t]` or, for a conditional network, `[x_t, t, labels]`.
+NetworkOutput = Callable[[list], tf.Tensor]
+
+
+class Generator(Protocol):
+    """A source of images: a `DiffusionModel` or a `SavedModelGenerator`.
+
+    Attributes:
+        image_shape: (H, W, C) of the images.
+        num_classes: real classes of a conditional model (label `num_classes` is the null label); 0 if not.
+        schedule, objective: the noise schedule and what the network predicts.
+        metadata: what the model is and its sampling defaults: at least `sampler`, `eta` and `spacing` (None: per
+            sampler), `image_size`, `channels`, `num_classes`, `schedule`, `objective` and `dataset` (or None).
+        max_batch_size: most seeds one `generate` call takes (an export's cap), or None.
+    """
+
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    schedule: NoiseSchedule
+    objective: str
+    metadata: dict
+    max_batch_size: int | None
+
+    def network_output(self, inputs: list) -> tf.Tensor:
+        """The (EMA) network's raw prediction for `[x_t, t]` or `[x_t, t, labels]`."""
+
+    def generate(self, num_images: int | None = None, *, seed: int = 0, seeds=None, steps: int | None = None,
+                 sampler: samplers.SamplerName | None = None, eta: float | None = None,
+                 spacing: samplers.Spacing | None = None, labels=None, guidance: float = 1.0,
+                 return_trajectory: bool = False):
+        """uint8 images [N, H, W, C] (and the float trajectory [S, N, H, W, C] when asked); see `check_request`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """A checked `generate()` request: one seed and one label per image, every option resolved."""
+
+    seeds: np.ndarray  # int64 [N]
+    steps: int
+    sampler: samplers.SamplerName
+    eta: float
+    spacing: samplers.Spacing | None
+    labels: np.ndarray  # int32 [N]; zeros for an unconditional model (the compiled sampler ignores them)
+    guidance: float
+
+    def tensors(self) -> tuple[tf.Tensor, ...]:
+        """The arguments of a `compile_sampler` function: seeds, steps, eta, labels, guidance."""
+        return (tf.constant(self.seeds, tf.int64), tf.constant(self.steps, tf.int32),
+                tf.constant(self.eta, tf.float32), tf.constant(self.labels, tf.int32),
+                tf.constant(self.guidance, tf.float32))
+
+
+def sampling_defaults(generator: Generator, sampler=None, eta=None) -> tuple[str, float]:
+    """`sampler` and `eta` as asked, else the generator's defaults (its export's; DDIM with eta 0 otherwise)."""
+    return sampler or generator.metadata["sampler"], generator.metadata["eta"] if eta is None else eta
+
+
+def check_request(generator: Generator, num_images=None, seed=0, seeds=None, steps=None, sampler=None, eta=None,
+                  spacing=None, labels=None, guidance=1.0) -> Request:
+    """Validate the arguments of a `generate()` call (see `DiffusionModel.generate` for each) into a `Request`."""
+    sampler, eta = sampling_defaults(generator, sampler, eta)
+    num_timesteps, num_classes = generator.schedule.num_timesteps, generator.num_classes
+    if seeds is None:
+        if num_images is None or num_images < 1:
+            raise ValueError("Pass num_images >= 1 or an explicit list of seeds.")
+        seeds = seed + np.arange(num_images, dtype=np.int64)
+    seeds = np.asarray(seeds, np.int64)
+    if seeds.ndim != 1 or len(seeds) == 0:
+        raise ValueError(f"seeds must be a non-empty 1-D list of integers, got shape {seeds.shape}.")
+    if generator.max_batch_size and len(seeds) > generator.max_batch_size:
+        raise ValueError(f"This export takes at most {generator.max_batch_size} seeds per call (its max_batch_size), "
+                         f"got {len(seeds)}; use generate_in_batches.")
+    if sampler not in samplers.SAMPLERS:
+        raise ValueError(f"Unknown sampler {sampler!r}; choose one of {samplers.SAMPLERS}.")
+    steps = samplers.default_steps(sampler, num_timesteps) if steps is None else int(steps)
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"steps must be in [1, {num_timesteps}], got {steps}.")
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1], got {eta}.")
+    labels = check_labels(labels, guidance, num_classes, len(seeds))
+    return Request(seeds, steps, sampler, float(eta), spacing, labels, float(guidance))
+
+
+def check_labels(labels, guidance, num_classes: int, num_images: int) -> np.ndarray:
+    """One int32 label per image for a conditional model (zeros for an unconditional one, which takes none)."""
+    if not num_classes:
+        if labels is not None:
+            raise ValueError("This model is unconditional; do not pass labels.")
+        if guidance != 1.0:
+            raise ValueError(f"guidance needs a conditional model; this one is unconditional (got {guidance}).")
+        return np.zeros([num_images], np.int32)
+    if labels is None:
+        raise ValueError(
+            f"This model is conditional: pass labels in [0, {num_classes - 1}] "
+            f"(or {num_classes}, the null label, for unconditional samples)."
+        )
+    labels = np.broadcast_to(np.asarray(labels, np.int32), [num_images])
+    if labels.min() < 0 or labels.max() > num_classes:
+        raise ValueError(f"labels must be in [0, {num_classes}] ({num_classes} = null), got {labels}.")
+    return labels
+
+
+SAMPLER_SIGNATURE = [
+    tf.TensorSpec([None], tf.int64, name="seeds"),
+    tf.TensorSpec([], tf.int32, name="steps"),
+    tf.TensorSpec([], tf.float32, name="eta"),
+    tf.TensorSpec([None], tf.int32, name="labels"),
+    tf.TensorSpec([], tf.float32, name="guidance"),
+]
+
+
+def compile_sampler(network_output: NetworkOutput, schedule: NoiseSchedule, objective: str, image_shape,
+                    num_classes: int, sampler: samplers.SamplerName, spacing: samplers.Spacing | None = None,
+                    return_trajectory: bool = False):
+    """The compiled sampler: f(seeds int64 [B], steps, eta, labels int32 [B], guidance) -> float32 images.
+
+    A `tf.function` with a fixed input signature, so new seeds, batch sizes or step counts never retrace;
+    the caller keeps one per (sampler, spacing, trajectory). Labels are ignored when `num_classes` is 0.
+    """
+
+    @tf.function(input_signature=SAMPLER_SIGNATURE)
+    def sample(seeds, steps, eta, labels, guidance):
+        denoise = samplers.make_denoiser(
+            network_output, schedule, objective, labels if num_classes else None, num_classes, guidance
+        )
+        return samplers.sample(
+            denoise, schedule, seeds, image_shape, steps, sampler, eta, spacing, return_trajectory=return_trajectory
+        )
+
+    return sample
+
+
+def run_sampler(sample, request: Request, return_trajectory: bool = False):
+    """Call a `compile_sampler` function on a request: uint8 images (and the float trajectory when asked)."""
+    result = sample(*request.tensors())
+    if return_trajectory:
+        images, trajectory = result
+        return samplers.to_uint8(images).numpy(), trajectory.numpy()
+    return samplers.to_uint8(result).numpy()
 
 
 class SavedModelGenerator:
-    """Sampling from a SavedModel written by `export_savedmodel`, with the interface of `DiffusionModel.generate`.
+    """A `Generator` over a SavedModel written by `export_savedmodel`.
 
     Args:
         loaded: the object `tf.saved_model.load` returned.
@@ -37,30 +182,12 @@ class SavedModelGenerator:
         self.schedule = NoiseSchedule.from_config(metadata["schedule"])
         self.objective = metadata["objective"]
         self.max_batch_size = metadata.get("max_batch_size")  # None: an older export, without a cap
-        self._sample_functions = {}
+        self._samplers = {}
 
-    def _predict(self, inputs):
+    def network_output(self, inputs: list) -> tf.Tensor:
         """The network's raw output through the `denoise` signature."""
         names = ["x_t", "t", "label"][: len(inputs)]
         return self.loaded.signatures["denoise"](**dict(zip(names, inputs)))["prediction"]
-
-    def _sample_function(self, sampler, spacing, return_trajectory):
-        key = (sampler, spacing, return_trajectory)
-        if key not in self._sample_functions:
-
-            @tf.function(reduce_retracing=True)
-            def sample(seeds, steps, eta, labels, guidance):
-                denoise = samplers.make_denoiser(
-                    self._predict, self.schedule, self.objective,
-                    labels if self.num_classes else None, self.num_classes, guidance,
-                )
-                return samplers.sample(
-                    denoise, self.schedule, seeds, self.image_shape, steps, sampler, eta, spacing,
-                    return_trajectory=return_trajectory,
-                )
-
-            self._sample_functions[key] = sample
-        return self._sample_functions[key]
 
     def generate(self, num_images=None, *, seed=0, seeds=None, steps=None, sampler=None, eta=None, spacing=None,
                  labels=None, guidance=1.0, return_trajectory=False):
@@ -68,62 +195,34 @@ class SavedModelGenerator:
 
         `sampler` and `eta` default to those the model was exported with.
         """
-        sampler = sampler or self.metadata["sampler"]
-        eta = resolve_eta(self, eta)
-        seeds, steps, labels = check_request(
-            num_images, seed, seeds, steps, sampler, eta, labels, self.num_classes, self.schedule.num_timesteps,
-            guidance,
-        )
-        if self.max_batch_size and len(seeds) > self.max_batch_size:
-            raise ValueError(f"This export takes at most {self.max_batch_size} seeds per call (its max_batch_size), "
-                             f"got {len(seeds)}; use generate_in_batches.")
-        inputs = dict(seed=tf.constant(seeds, tf.int64), steps=tf.constant(steps, tf.int32),
-                      eta=tf.constant(eta, tf.float32))
-        if self.num_classes:
-            inputs.update(label=tf.constant(labels, tf.int32), guidance=tf.constant(guidance, tf.float32))
-        exported_way = sampler == self.metadata["sampler"] and spacing in (None, self.metadata["spacing"])
+        request = check_request(self, num_images, seed, seeds, steps, sampler, eta, spacing, labels, guidance)
+        exported_way = request.sampler == self.metadata["sampler"] and spacing in (None, self.metadata["spacing"])
         if exported_way and not return_trajectory:
-            return self.loaded.signatures["generate"](**inputs)["images"].numpy()
-        result = self._sample_function(sampler, spacing, return_trajectory)(
-            inputs["seed"], inputs["steps"], inputs["eta"], tf.constant(labels, tf.int32),
-            tf.constant(guidance, tf.float32),
-        )
-        if return_trajectory:
-            images, trajectory = result
-            return samplers.to_uint8(images).numpy(), trajectory.numpy()
-        return samplers.to_uint8(result).numpy()
+            return self._exported_generate(request)
+        key = (request.sampler, spacing, return_trajectory)
+        if key not in self._samplers:
+            self._samplers[key] = compile_sampler(self.network_output, self.schedule, self.objective,
+                                                  self.image_shape, self.num_classes, *key)
+        return run_sampler(self._samplers[key], request, return_trajectory)
+
+    def _exported_generate(self, request: Request) -> np.ndarray:
+        """The SavedModel's own `generate` signature (the sampler it was exported with)."""
+        seeds, steps, eta, labels, guidance = request.tensors()
+        inputs = dict(seed=seeds, steps=steps, eta=eta)
+        if self.num_classes:
+            inputs.update(label=labels, guidance=guidance)
+        return self.loaded.signatures["generate"](**inputs)["images"].numpy()
 
 
-def resolve_eta(generator, eta=None) -> float:
-    """`eta` as asked, else the model's default: its export's, 0 for run directories and plain models."""
-    return (getattr(generator, "metadata", None) or {}).get("eta", 0.0) if eta is None else eta
-
-
-def load_generator(path):
-    """A `DiffusionModel` (from a run directory) or a `SavedModelGenerator` (from an export folder)."""
-    from keras_ddpm.export import load_savedmodel
-    from keras_ddpm.training import load_run
-
-    path = pathlib.Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"No model at {path}: pass a SavedModel folder (e.g. savedmodel) or a run directory.")
-    if (path / "config.json").is_file():
-        model, model_config = load_run(path)
-        dataset = read_json(path / "config.json")["train"]["dataset"]
-        model.metadata = {**model_config.to_dict(), "dataset": dataset, "sampler": "ddim", "eta": 0.0}
-        return model
-    return SavedModelGenerator(*load_savedmodel(path))
-
-
-def generate_in_batches(generator, num_images: int, batch_size: int = 64, seed: int = 0, verbose: bool = True,
-                        **options) -> np.ndarray:
+def generate_in_batches(generator: Generator, num_images: int, batch_size: int = 64, seed: int = 0,
+                        verbose: bool = True, **options) -> np.ndarray:
     """`generator.generate` over `num_images` seeds `seed, seed + 1, ...` in batches, with a progress bar.
 
     Batches are cut down to the generator's `max_batch_size` (an export's cap on one request), if it has one.
     """
     if num_images < 1 or batch_size < 1:
         raise ValueError(f"num_images and batch_size must be at least 1, got {num_images} and {batch_size}.")
-    batch_size = min(batch_size, getattr(generator, "max_batch_size", None) or batch_size)
+    batch_size = min(batch_size, generator.max_batch_size or batch_size)
     progress = keras.utils.Progbar(num_images, unit_name="image") if verbose else None
     labels = options.pop("labels", None)
     if labels is not None:

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_ddpm import samplers
+from keras_ddpm import generation, samplers
 from keras_ddpm.schedule import NoiseSchedule, Objective
 
 LossWeighting = Literal["none", "min_snr"]
@@ -37,6 +37,9 @@ class DiffusionModel(keras.Model):
         label_dropout: probability of training a conditional model on the null label.
         seed: seeds the training draws (timesteps, noise, label dropout) of `train_step`; default: drawn from
             NumPy's global generator, which `keras.utils.set_random_seed` seeds.
+        metadata: descriptive entries added to `metadata`, such as `{"dataset": "celeba"}`.
+
+    The defaults are `keras_ddpm.config.ModelConfig`'s (tests/test_config.py keeps them equal).
 
     Example:
     >>> from keras_ddpm.unet import build_unet
@@ -54,9 +57,10 @@ class DiffusionModel(keras.Model):
         objective: Objective = "epsilon",
         loss_weighting: LossWeighting = "none",
         min_snr_gamma: float = 5.0,
-        ema_decay: float = 0.999,
+        ema_decay: float = 0.9999,
         label_dropout: float = 0.1,
         seed: int | None = None,
+        metadata: dict | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -74,6 +78,7 @@ class DiffusionModel(keras.Model):
         self.ema_decay = ema_decay
         self.label_dropout = label_dropout
         self.seed = int(np.random.randint(2**31)) if seed is None else int(seed)
+        self.extra_metadata = dict(metadata or {})
         self.ema_network = keras.models.clone_model(network)
         self.ema_network.set_weights(network.get_weights())
         self.ema_network.trainable = False
@@ -94,6 +99,26 @@ class DiffusionModel(keras.Model):
         if len(self.network.inputs) < 3:
             return 0
         return self.network.get_layer("label_embedding").input_dim - 1
+
+    # A model in memory takes any number of seeds per call; an export caps them (see `generation.Generator`).
+    max_batch_size = None
+
+    @property
+    def metadata(self) -> dict:
+        """What the model is and how `generate` samples by default (the `generation.Generator` protocol)."""
+        height, width, channels = self.image_shape
+        return {
+            "dataset": None,
+            **self.extra_metadata,
+            "image_size": [height, width],
+            "channels": channels,
+            "num_classes": self.num_classes,
+            "schedule": self.schedule.get_config(),
+            "objective": self.objective,
+            "sampler": "ddim",
+            "eta": 0.0,
+            "spacing": None,  # each sampler's default (samplers.DEFAULT_SPACING)
+        }
 
     @property
     def metrics(self):
@@ -232,40 +257,23 @@ class DiffusionModel(keras.Model):
 
     # -- sampling ------------------------------------------------------------------------------------------
 
-    def denoiser(self, network, labels=None, guidance=1.0, clip_denoised: bool = True):
-        """`denoise(x_t, t) -> (pred_images, pred_noises)` of `network` for the samplers (see `samplers.make_denoiser`)."""
-        return samplers.make_denoiser(
-            lambda inputs: network(inputs, training=False), self.schedule, self.objective,
-            labels, self.num_classes, guidance, clip_denoised,
-        )
+    def network_output(self, inputs, use_ema: bool = True) -> tf.Tensor:
+        """The EMA network's (or, with `use_ema=False`, the trained network's) raw prediction, not training."""
+        network = self.ema_network if use_ema else self.network
+        return network(inputs, training=False)
 
     def sample_function(self, sampler="ddim", spacing=None, return_trajectory=False, use_ema=True):
         """The compiled sampler: f(seeds int64 [B], steps, eta, labels int32 [B], guidance) -> float32 images.
 
-        One `tf.function` per (sampler, spacing, trajectory, weights) with a fixed input signature, so new
+        One `tf.function` per (sampler, spacing, trajectory, weights) (see `generation.compile_sampler`), so new
         seeds, batch sizes or step counts never retrace.
         """
         key = (sampler, spacing, return_trajectory, use_ema)
         if key not in self._sample_functions:
-            network = self.ema_network if use_ema else self.network
-
-            @tf.function(
-                input_signature=[
-                    tf.TensorSpec([None], tf.int64, name="seeds"),
-                    tf.TensorSpec([], tf.int32, name="steps"),
-                    tf.TensorSpec([], tf.float32, name="eta"),
-                    tf.TensorSpec([None], tf.int32, name="labels"),
-                    tf.TensorSpec([], tf.float32, name="guidance"),
-                ]
+            self._sample_functions[key] = generation.compile_sampler(
+                lambda inputs: self.network_output(inputs, use_ema), self.schedule, self.objective, self.image_shape,
+                self.num_classes, sampler, spacing, return_trajectory,
             )
-            def sample(seeds, steps, eta, labels, guidance):
-                denoise = self.denoiser(network, labels if self.num_classes else None, guidance)
-                return samplers.sample(
-                    denoise, self.schedule, seeds, self.image_shape, steps, sampler, eta, spacing,
-                    return_trajectory=return_trajectory,
-                )
-
-            self._sample_functions[key] = sample
         return self._sample_functions[key]
 
     def generate(
@@ -275,8 +283,8 @@ class DiffusionModel(keras.Model):
         seed: int = 0,
         seeds=None,
         steps: int | None = None,
-        sampler: samplers.SamplerName = "ddim",
-        eta: float = 0.0,
+        sampler: samplers.SamplerName | None = None,
+        eta: float | None = None,
         spacing: samplers.Spacing | None = None,
         labels=None,
         guidance: float = 1.0,
@@ -293,8 +301,9 @@ class DiffusionModel(keras.Model):
             seed: the first seed.
             seeds: explicit int seeds, one per image.
             steps: network evaluations; default T for `"ddpm"`, 50 for `"ddim"`, 20 for `"dpm++"`.
-            sampler: `"ddpm"`, `"ddim"` or `"dpm++"` (see `keras_ddpm.samplers`).
-            eta: DDIM's noise level in [0, 1].
+            sampler: `"ddpm"`, `"ddim"` or `"dpm++"` (see `keras_ddpm.samplers`); default `metadata["sampler"]`
+                (`"ddim"`).
+            eta: DDIM's noise level in [0, 1]; default `metadata["eta"]` (0).
             spacing: timestep spacing: `"uniform"`, `"quadratic"` or `"logsnr"`; default `"logsnr"` for
                 `"dpm++"` and `"uniform"` otherwise.
             labels: for conditional models, one int or one per image; `num_classes` (the null label)
@@ -303,20 +312,9 @@ class DiffusionModel(keras.Model):
             use_ema: sample with the EMA weights (default) or the raw training weights.
             return_trajectory: also return the float x_t before every step, [S, N, H, W, C].
         """
-        sampler = sampler or "ddim"
-        seeds, steps, labels = check_request(
-            num_images, seed, seeds, steps, sampler, eta, labels, self.num_classes, self.schedule.num_timesteps,
-            guidance,
-        )
-        sample = self.sample_function(sampler, spacing, return_trajectory, use_ema)
-        result = sample(
-            tf.constant(seeds, tf.int64), tf.constant(steps, tf.int32), tf.constant(eta, tf.float32),
-            tf.constant(labels, tf.int32), tf.constant(guidance, tf.float32),
-        )
-        if return_trajectory:
-            images, trajectory = result
-            return samplers.to_uint8(images).numpy(), trajectory.numpy()
-        return samplers.to_uint8(result).numpy()
+        request = generation.check_request(self, num_images, seed, seeds, steps, sampler, eta, spacing, labels, guidance)
+        sample = self.sample_function(request.sampler, spacing, return_trajectory, use_ema)
+        return generation.run_sampler(sample, request, return_trajectory)
 
     # -- serialisation ------------------------------------------------------------------------------------
 
@@ -331,6 +329,7 @@ class DiffusionModel(keras.Model):
             "ema_decay": self.ema_decay,
             "label_dropout": self.label_dropout,
             "seed": self.seed,
+            "metadata": dict(self.extra_metadata),
         }
 
     @classmethod
@@ -354,38 +353,3 @@ def step_logs(metrics) -> dict:
         logs = {name: value[tf.newaxis] for name, value in logs.items()}
     return logs
 
-
-def check_request(num_images, seed, seeds, steps, sampler, eta, labels, num_classes, num_timesteps, guidance=1.0):
-    """Validate the arguments of a `generate()` call; returns (seeds int64 [N], steps, labels int32 [N]).
-
-    Shared by `DiffusionModel.generate` and the SavedModel generator so both accept and refuse the same requests.
-    """
-    if seeds is None:
-        if num_images is None or num_images < 1:
-            raise ValueError("Pass num_images >= 1 or an explicit list of seeds.")
-        seeds = seed + np.arange(num_images, dtype=np.int64)
-    seeds = np.asarray(seeds, np.int64)
-    if seeds.ndim != 1 or len(seeds) == 0:
-        raise ValueError(f"seeds must be a non-empty 1-D list of integers, got shape {seeds.shape}.")
-    if sampler not in samplers.SAMPLERS:
-        raise ValueError(f"Unknown sampler {sampler!r}; choose one of {samplers.SAMPLERS}.")
-    steps = samplers.default_steps(sampler, num_timesteps) if steps is None else int(steps)
-    if not 1 <= steps <= num_timesteps:
-        raise ValueError(f"steps must be in [1, {num_timesteps}], got {steps}.")
-    if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta must be in [0, 1], got {eta}.")
-    if not num_classes:
-        if labels is not None:
-            raise ValueError("This model is unconditional; do not pass labels.")
-        if guidance != 1.0:
-            raise ValueError(f"guidance needs a conditional model; this one is unconditional (got {guidance}).")
-        return seeds, steps, np.zeros([len(seeds)], np.int32)
-    if labels is None:
-        raise ValueError(
-            f"This model is conditional: pass labels in [0, {num_classes - 1}] "
-            f"(or {num_classes}, the null label, for unconditional samples)."
-        )
-    labels = np.broadcast_to(np.asarray(labels, np.int32), [len(seeds)])
-    if labels.min() < 0 or labels.max() > num_classes:
-        raise ValueError(f"labels must be in [0, {num_classes}] ({num_classes} = null), got {labels}.")
-    return seeds, steps, labels

@@ -7,6 +7,10 @@ import pathlib
 import numpy as np
 import tensorflow as tf
 
+from keras_ddpm import files, samplers
+from keras_ddpm.data import load_images
+from keras_ddpm.generation import Generator
+
 
 def image_grid(images: np.ndarray, columns: int | None = None, padding: int = 2, scale: int = 1) -> np.ndarray:
     """Tile uint8 images [N, H, W, C] into one uint8 image, `columns` wide (default: square-ish).
@@ -32,12 +36,7 @@ def image_grid(images: np.ndarray, columns: int | None = None, padding: int = 2,
 
 def save_png(path, image: np.ndarray) -> pathlib.Path:
     """Write a uint8 [H, W, C] image as PNG (creating folders), atomically."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(tf.io.encode_png(image).numpy())
-    partial.replace(path)
-    return path
+    return files.write_bytes(path, tf.io.encode_png(image).numpy())
 
 
 def save_image_grid(path, images: np.ndarray, columns: int | None = None, scale: int | None = None) -> pathlib.Path:
@@ -73,11 +72,10 @@ def plot_loss_curve(csv_path, png_path, smoothing: int = 5) -> pathlib.Path:
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    png_path = pathlib.Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(png_path)
+    with files.atomic_path(png_path) as partial:  # a viewer never sees half a PNG
+        figure.savefig(partial)
     plt.close(figure)
-    return png_path
+    return pathlib.Path(png_path)
 
 
 def _number(text) -> float:
@@ -94,50 +92,15 @@ def process_strip(rows: list[np.ndarray], scale: int | None = None) -> np.ndarra
     return image_grid(stacked, columns=len(rows[0]), scale=scale or max(1, math.ceil(64 / stacked.shape[2])))
 
 
-def check_writable(folder) -> pathlib.Path:
-    """Create `folder` if needed and make sure we can write there, before any long work starts."""
-    folder = pathlib.Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise PermissionError(f"Cannot write to {folder}: {error.strerror}.") from error
-    return folder
-
-
-def check_output_file(path) -> pathlib.Path:
-    """`check_writable` for a file about to be written: it must not be a folder, and its folder must be writable."""
-    path = pathlib.Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder; give the path of a file to write, e.g. {path / 'grid.png'}.")
-    check_writable(path.parent)
-    return path
-
-
-def save_npz(path, **arrays) -> pathlib.Path:
-    """`np.savez_compressed`, atomically (a crash leaves no half-written file)."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial.npz")
-    np.savez_compressed(partial, **arrays)
-    partial.replace(path)
-    return path
-
-
 FORWARD_TIMESTEPS = (0, 50, 100, 200, 300, 500, 700, 999)
 
 
-def process_figures(generator, folder, data_dir=None, seed=0, num_rows=4, num_frames=8, **options) -> list:
+def process_figures(generator: Generator, folder, data_dir=None, seed=0, num_rows=4, num_frames=8, **options) -> list:
     """Write `forward.png` (real images noised by q(x_t | x_0)) and `reverse.png` (noise denoised into images).
 
     Each row is one image; columns go from t = 0 to T - 1 (forward) and from pure noise to the sample (reverse).
     The forward figure needs real images; without them it is skipped with a message.
     """
-    from keras_ddpm import samplers
-    from keras_ddpm.data import load_images
-
     folder = pathlib.Path(folder)
     written = []
     schedule = generator.schedule

@@ -14,6 +14,26 @@ The update from t to the next timestep is one of:
 The last step of all three is the same: from t_{S-1} the sample is the denoiser's x0 estimate. So S steps cost
 S network calls. The loop is a `tf.while_loop`; randomness is stateless and per image (image b uses the seed
 `seeds[b]`), so an image depends only on its own seed, never on the batch it was drawn in.
+
+Notation. The three papers name the same quantities differently (DDIM's alpha_t is DDPM's alpha-bar_t, and
+"sigma_t" is a step's noise in DDPM and DDIM but the marginal noise level in DPM-Solver), so the code uses one
+name per quantity:
+
+    code name           quantity                                DDPM (Ho 2020)      DDIM (Song 2021)  DPM-Solver++
+    alpha_bar           cumulative signal variance              alpha-bar_t         alpha_t           alpha_t^2
+    signal_rate         sqrt(alpha_bar): scales x_0 in x_t      sqrt(alpha-bar_t)   sqrt(alpha_t)     alpha_t
+    noise_rate          sqrt(1 - alpha_bar): scales the noise   sqrt(1-alpha-bar_t) sqrt(1-alpha_t)   sigma_t
+    half_log_snr        log(signal_rate / noise_rate)           -                   -                 lambda_t
+    h                   half_log_snr(t_prev) - half_log_snr(t)  -                   -                 h_i
+    pred_images         the denoiser's estimate of x_0          x_0 (from eps)      f_theta(x_t)      x_theta(x_t,t)
+    pred_noises         the denoiser's estimate of the noise    eps_theta           eps_theta         eps_theta
+    step_noise_std      std of the noise one step adds          sigma_t             sigma_t(eta)      - (an ODE)
+    posterior_variance  step_noise_std^2 of the DDPM step       sigma_t^2           -                 -
+    noise               a step's standard normal draw           z                   epsilon_t         -
+    t, t_prev           this timestep and the next, smaller     t, t-1              tau_i, tau_i-1    t_i-1, t_i
+
+In the code "sigma" alone is never used: it is `noise_rate` (DPM-Solver's sigma_t) or `step_noise_std`
+(DDPM's and DDIM's sigma_t).
 """
 
 from typing import Callable, Literal
@@ -38,11 +58,13 @@ def default_steps(sampler: SamplerName, num_timesteps: int) -> int:
     return {"ddpm": num_timesteps, "ddim": 50, "dpm++": 20}[sampler]
 
 
-def make_denoiser(predict, schedule, objective, labels=None, null_label=None, guidance=1.0, clip_denoised=True):
+def make_denoiser(network_output, schedule, objective, labels=None, null_label=None, guidance=1.0,
+                  clip_denoised=True):
     """Wrap a network into the `denoise(x_t, t) -> (pred_images, pred_noises)` that the samplers call.
 
     Args:
-        predict: `predict([x_t, t])` or `predict([x_t, t, labels])` -> the network output (epsilon or v).
+        network_output: `network_output([x_t, t])` or `network_output([x_t, t, labels])` -> the network's raw
+            prediction (epsilon or v); see `keras_ddpm.generation.Generator`.
         schedule, objective: how to read that output (`NoiseSchedule.split_prediction`).
         labels: int32 [B] for a conditional network, else None.
         null_label: the network's null label id (its `num_classes`), used by guidance.
@@ -53,20 +75,20 @@ def make_denoiser(predict, schedule, objective, labels=None, null_label=None, gu
     """
     guidance = tf.cast(guidance, tf.float32)
 
-    def predict_guided(x_t, t):
+    def guided_output(x_t, t):
         if labels is None:
-            return predict([x_t, t])
+            return network_output([x_t, t])
 
         def guided():
             null_labels = tf.fill(tf.shape(labels), null_label)
-            both = predict([tf.concat([x_t, x_t], 0), tf.concat([t, t], 0), tf.concat([labels, null_labels], 0)])
+            both = network_output([tf.concat([x_t, x_t], 0), tf.concat([t, t], 0), tf.concat([labels, null_labels], 0)])
             conditional, unconditional = tf.split(both, 2)
             return unconditional + guidance * (conditional - unconditional)
 
-        return tf.cond(guidance == 1.0, lambda: predict([x_t, t, labels]), guided)
+        return tf.cond(guidance == 1.0, lambda: network_output([x_t, t, labels]), guided)
 
     def denoise(x_t, t):
-        pred_images, pred_noises = schedule.split_prediction(predict_guided(x_t, t), x_t, t, objective)
+        pred_images, pred_noises = schedule.split_prediction(guided_output(x_t, t), x_t, t, objective)
         if clip_denoised:
             pred_images = tf.clip_by_value(pred_images, -1.0, 1.0)
             pred_noises = schedule.noise_from_x0(x_t, t, pred_images)
@@ -122,28 +144,33 @@ def per_image_noise(seeds: tf.Tensor, counter, image_shape) -> tf.Tensor:
 
 
 def ddpm_step(schedule, x_t, pred_images, t, t_prev, noise, variance: PosteriorVariance = "beta_tilde"):
-    """x_prev ~ q(x_prev | x_t, x0_hat) (Ho et al. 2020, Algorithm 2 line 4, with x0 parameterisation)."""
+    """x_prev ~ q(x_prev | x_t, x0_hat) (Ho et al. 2020, Algorithm 2 line 4, with x0 parameterisation).
+
+    x_prev = posterior mean + step_noise_std * noise, with step_noise_std^2 = `posterior_variance` (DDPM's sigma_t^2).
+    """
     mean, posterior_variance = schedule.posterior_mean_variance(pred_images, x_t, t, t_prev, variance)
     return mean + tf.sqrt(posterior_variance) * noise
 
 
 def ddim_step(schedule, pred_images, pred_noises, t, t_prev, noise, eta):
-    """x_prev = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma^2) eps_hat + sigma z (Song et al. 2021, Eq. 12),
+    """x_prev = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - s^2) eps_hat + s z (Song et al. 2021, Eq. 12),
 
-    with sigma = eta * sqrt((1 - ab_prev) / (1 - ab)) * sqrt(1 - ab / ab_prev) (Eq. 16).
+    with s = `step_noise_std` = eta * sqrt((1 - ab_prev) / (1 - ab)) * sqrt(1 - ab / ab_prev) (Eq. 16, DDIM's
+    sigma_t(eta)) and ab = alpha_bar (DDIM's alpha_t).
     """
     alpha_bar = schedule.alpha_bar_at(t)
     alpha_bar_prev = schedule.alpha_bar_at(t_prev)
-    sigma = eta * tf.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar) * (1.0 - alpha_bar / alpha_bar_prev))
-    direction_rate = tf.sqrt(tf.maximum(1.0 - alpha_bar_prev - tf.square(sigma), 0.0))
-    return tf.sqrt(alpha_bar_prev) * pred_images + direction_rate * pred_noises + sigma * noise
+    step_noise_std = eta * tf.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar) * (1.0 - alpha_bar / alpha_bar_prev))
+    direction_rate = tf.sqrt(tf.maximum(1.0 - alpha_bar_prev - tf.square(step_noise_std), 0.0))
+    return tf.sqrt(alpha_bar_prev) * pred_images + direction_rate * pred_noises + step_noise_std * noise
 
 
 def dpmpp_2m_step(schedule, x_t, pred_images, previous_pred_images, t, t_prev, t_before, is_first_step):
     """One step of DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2).
 
-    With lambda = log(alpha / sigma) (half the log-SNR) and h = lambda(t_prev) - lambda(t):
-        x_prev = (sigma_prev / sigma_t) x_t - alpha_prev (exp(-h) - 1) D,
+    With half_log_snr = log(signal_rate / noise_rate) (the paper's lambda = log(alpha / sigma)) and
+    h = half_log_snr(t_prev) - half_log_snr(t):
+        x_prev = (noise_rate_prev / noise_rate) x_t - signal_rate_prev (exp(-h) - 1) D,
         D = x0_hat + (x0_hat - x0_hat_before) / (2 r),  r = h_before / h,
     where `t_before` is the timestep visited before t. The first step uses D = x0_hat (first order, = DDIM).
     """
@@ -184,7 +211,7 @@ def sample(
         eta: DDIM's stochasticity in [0, 1] (ignored by the other samplers).
         spacing: how the S timesteps are spread over [0, T) (see `sampling_timesteps`); default
             `DEFAULT_SPACING[sampler]`.
-        ddpm_variance: the DDPM sampler's sigma_t^2, `"beta_tilde"` or `"beta"`.
+        ddpm_variance: the DDPM step's `posterior_variance` (DDPM's sigma_t^2), `"beta_tilde"` or `"beta"`.
         return_trajectory: also return x_t before each step, [S, B, H, W, C] (for process figures).
 
     Returns:

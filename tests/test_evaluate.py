@@ -19,7 +19,8 @@ from keras_ddpm import callbacks, evaluation
 from keras_ddpm.config import ModelConfig
 from keras_ddpm.data import load_images, make_dataset
 from keras_ddpm.export import export_savedmodel
-from keras_ddpm.training import TrainConfig, prepare_run_directory, restore_checkpoint
+from keras_ddpm.config import TrainConfig
+from keras_ddpm.runs import prepare_run_directory, restore_checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = ModelConfig(image_size=16, channels=3, width=8, channel_multipliers=(1,), num_res_blocks=1,

@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from keras_ddpm import export
 from keras_ddpm.export import NotOurSavedModelError, export_savedmodel, load_savedmodel
-from keras_ddpm.generation import load_generator
+from keras_ddpm.runs import load_generator
 from test_model import make_model, toy_images
 
 SEEDS = [3, 7, 11]

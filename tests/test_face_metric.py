@@ -1,4 +1,4 @@
-"""The face metric (keras_ddpm.face_metric): landmark geometry in closed form, offline weights, real CelebA faces.
+"""The face metric (keras_ddpm.metrics.face): landmark geometry in closed form, offline weights, real CelebA faces.
 
 The Frechet distance itself is checked against closed forms in test_metrics.py; here the landmark
 normalisation and the distance of known geometry shifts, then MTCNN on real faces (tests that need
@@ -15,7 +15,8 @@ import sys
 import numpy as np
 import pytest
 
-from keras_ddpm import callbacks, evaluation, face_metric
+from keras_ddpm import callbacks, evaluation
+from keras_ddpm.metrics import face as face_metric
 from keras_ddpm.data import load_images
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -108,7 +109,7 @@ def test_networks_are_float32_under_a_mixed_precision_policy():
 
 
 def test_mtcnn_is_imported_only_when_the_face_metric_runs():
-    code = ("import sys; import keras_ddpm.evaluation, keras_ddpm.callbacks, keras_ddpm.face_metric; "
+    code = ("import sys; import keras_ddpm.evaluation, keras_ddpm.callbacks, keras_ddpm.metrics.face; "
             "assert 'mtcnn' not in sys.modules, 'mtcnn imported eagerly'")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -68,7 +68,7 @@ def test_laplacian_pyramid_levels_sum_back_to_the_image(height, width):
     assert [level.shape[1] for level in levels] == expected_heights
     reconstruction = levels[-1]
     for level in reversed(levels[:-1]):
-        reconstruction = level + metrics._pyramid_up(reconstruction, *level.shape[1:3])
+        reconstruction = level + metrics.swd._pyramid_up(reconstruction, *level.shape[1:3])
     np.testing.assert_allclose(reconstruction, images.astype(np.float32), atol=1e-3)
 
 

@@ -3,7 +3,7 @@
 Both workers train the smoke model; a one-process run with the same global batch and seed is the reference. The
 runs agree to float rounding because every random draw of a training step is keyed by (seed, step, the image's
 place in the global batch) and the data is sharded by DATA (see `DiffusionModel.training_draws` and
-`keras_ddpm.data._sharding_options`).
+`keras_ddpm.data.pipeline._sharding_options`).
 """
 
 import contextlib

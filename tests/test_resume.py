@@ -13,8 +13,11 @@ import tensorflow as tf
 
 from keras_ddpm import callbacks
 from keras_ddpm.config import ModelConfig
-from keras_ddpm.training import (TrainConfig, clean_stale_files, load_run, make_optimizer, prepare_run_directory,
-                                 restore_checkpoint, train, trim_log)
+from keras_ddpm.config import TrainConfig
+from keras_ddpm.errors import TrainingDiverged
+from keras_ddpm.runs import (clean_stale_files, load_run, prepare_run_directory, restore_checkpoint, trim_log,
+                             weights_problem)
+from keras_ddpm.training import make_optimizer, train
 
 TINY = ModelConfig(image_size=16, width=8, channel_multipliers=(1,), num_res_blocks=1, attention_resolutions=(),
                    bottleneck_attention=False, norm_groups=4, num_timesteps=50, dropout=0.0, num_classes=0,
@@ -53,12 +56,12 @@ def test_a_run_that_diverges_keeps_only_checkpoints_that_train_well(tmp_path):
     """
     run_with_checkpoints(tmp_path)
     wild = {**FAST, "learning_rate": 1e4, "warmup_steps": 1}
-    with pytest.raises(callbacks.TrainingDiverged, match="--restore_checkpoint=2"):
+    with pytest.raises(TrainingDiverged, match="--restore_checkpoint=2"):
         train(TINY, TrainConfig(train_steps=30, steps_per_epoch=1, clipnorm=None, **wild), tmp_path)
     assert checkpoint_steps(tmp_path) == [1, 2, 3]
     model, _ = load_run(tmp_path)
     model.compile(optimizer="adam")
-    assert callbacks.weights_problem(model, *PROBE) is None  # so a rerun at a sane learning rate continues
+    assert weights_problem(model, *PROBE) is None  # so a rerun at a sane learning rate continues
 
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog):

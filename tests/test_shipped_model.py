@@ -10,7 +10,8 @@ import pytest
 
 from keras_ddpm.data import load_images
 from keras_ddpm.export import read_metadata
-from keras_ddpm.generation import generate_in_batches, load_generator
+from keras_ddpm.generation import generate_in_batches
+from keras_ddpm.runs import load_generator
 from keras_ddpm.metrics import sliced_wasserstein_distance
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

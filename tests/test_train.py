@@ -87,8 +87,10 @@ def test_sigkill_then_resume_continues_the_same_run(tmp_path):
     reader = tf.train.load_checkpoint(saved_path)
 
     # Restoring in a fresh process state gives exactly the saved weights, EMA weights and optimizer state.
-    from keras_ddpm.config import ModelConfig, read_json
-    from keras_ddpm.training import TrainConfig, make_optimizer, restore_checkpoint
+    from keras_ddpm.config import ModelConfig, TrainConfig
+    from keras_ddpm.files import read_json
+    from keras_ddpm.runs import restore_checkpoint
+    from keras_ddpm.training import make_optimizer
 
     model = ModelConfig.from_dict(read_json(tmp_path / "config.json")["model"]).build()
     model.compile(optimizer=make_optimizer(TrainConfig()))
@@ -185,13 +187,14 @@ def test_errors_are_one_clear_line_and_a_failing_exit_code(script, args, message
     assert result.returncode == 1
     assert message.lower() in result.stderr.lower()
     assert "Traceback" not in result.stderr
-    assert not list(tmp_path.rglob("config.json")) and not list(tmp_path.glob("*.partial"))  # nothing half-written
+    assert not list(tmp_path.rglob("config.json")) and not list(tmp_path.glob("*.partial*"))  # nothing half-written
 
 
 def test_bad_counts_and_options_are_clear_errors():
     """What train.py and sample.py turn into one-line errors (checked in-process: each script start costs seconds)."""
-    from keras_ddpm.generation import generate_in_batches, load_generator
-    from keras_ddpm.training import TrainConfig
+    from keras_ddpm.config import TrainConfig
+    from keras_ddpm.generation import generate_in_batches
+    from keras_ddpm.runs import load_generator
 
     for field in ("steps_per_epoch", "train_steps", "batch_size", "keep_checkpoints"):
         with pytest.raises(ValueError, match=f"{field} must be at least 1"):

@@ -83,14 +83,16 @@ def test_attention_blocks_sit_where_asked(attention_resolutions, bottleneck_atte
 
 
 def test_attention_block_attends_over_all_positions():
-    block = AttentionBlock(num_heads=2, norm_groups=8)
+    block = AttentionBlock(num_heads=2, norm_groups=8)  # 16 channels, 8 groups: channels 0 and 1 share a group
     x = np.random.default_rng(0).standard_normal((1, 4, 4, 16)).astype("float32")
     changed = x.copy()
-    changed[0, 3, 3] += 1.0
+    changed[0, 3, 3, [0, 1]] = x[0, 3, 3, [1, 0]]  # swap two channels of one group at one corner
 
     difference = np.abs(np.asarray(block(changed) - block(x)))[0]
 
-    # A change at one corner reaches the opposite corner in one step, which no convolution does.
+    # The swap keeps every group's mean and variance, so GroupNormalization passes the other positions on
+    # unchanged: only attention can carry the change from one corner to the opposite one.
+    np.testing.assert_allclose(np.asarray(block.norm(changed))[0, 0], np.asarray(block.norm(x))[0, 0], atol=1e-6)
     assert difference[0, 0].max() > 1e-6
 
 

@@ -1,7 +1,4 @@
-"""tf.data input pipelines: CelebA (image folder or TFDS), Fashion-MNIST, CIFAR-10 and synthetic shapes.
-
-Every pipeline yields uint8 images up to its cache and float32 batches in [-1, 1] after it, so a cache
-holds compact, already cropped and resized images and later epochs decode no JPEG.
+"""CelebA from an image folder: file discovery, splits, and the crop geometry shared with TFDS `celeb_a`.
 
 CelebA crop geometry
 --------------------
@@ -39,15 +36,15 @@ import os
 import pathlib
 from typing import Literal, NamedTuple
 
-import keras
-import numpy as np
 import tensorflow as tf
+
+from keras_ddpm.data.common import SPLITS, SplitName, _check_choice, _log_once
 
 logger = logging.getLogger(__name__)
 
-DatasetName = Literal["celeba", "celeba_tfds", "fashion_mnist", "cifar10", "synthetic"]
-SplitName = Literal["train", "validation", "test"]
+
 CropName = Literal["celeba64", "center140"]
+
 
 CELEBA_HELP = (
     "Get the aligned CelebA images: download img_align_celeba.zip ('Align&Cropped Images' on "
@@ -55,46 +52,9 @@ CELEBA_HELP = (
     "unzip it, put list_eval_partition.txt next to the img_align_celeba/ folder, and pass "
     "data_dir=<the folder holding img_align_celeba/> (or the image folder itself)."
 )
-SPLITS = ("train", "validation", "test")
-SYNTHETIC_SHAPES = ("disc", "square", "triangle", "ring")
-SYNTHETIC_EVAL_SIZE = 1000  # images in a non-training synthetic dataset when num_images is not given
-SHUFFLE_BUFFER_LIMIT = 10_000  # decoded images held for shuffling; image folders and TFDS also shuffle files
+
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-
-
-class DatasetInfo(NamedTuple):
-    """What a model trained on a dataset must match: `channels, num_classes, image_size = dataset_info(name)`.
-
-    Args:
-        channels: colour channels of the images (1 grayscale, 3 RGB).
-        num_classes: number of class labels (0 when the dataset has none).
-        image_size: the usual training resolution (images are square).
-    """
-
-    channels: int
-    num_classes: int
-    image_size: int
-
-
-_DATASET_INFO = {
-    "celeba": DatasetInfo(channels=3, num_classes=0, image_size=64),
-    "celeba_tfds": DatasetInfo(channels=3, num_classes=0, image_size=64),
-    "fashion_mnist": DatasetInfo(channels=1, num_classes=10, image_size=28),
-    "cifar10": DatasetInfo(channels=3, num_classes=10, image_size=32),
-    "synthetic": DatasetInfo(channels=3, num_classes=len(SYNTHETIC_SHAPES), image_size=32),
-}
-# Horizontal flips keep faces and natural images plausible; mirrored clothes are a different item.
-_FLIPPED_WHEN_TRAINING = {"celeba", "celeba_tfds", "cifar10"}
-_TFDS_NAMES = {"celeba_tfds": "celeb_a", "fashion_mnist": "fashion_mnist", "cifar10": "cifar10"}
-_TFDS_SPLITS = {"celeba_tfds": SPLITS, "fashion_mnist": ("train", "test"), "cifar10": ("train", "test")}
-_NATIVE_SIZE = {"fashion_mnist": 28, "cifar10": 32}
-
-
-def dataset_info(name: DatasetName) -> DatasetInfo:
-    """Channels, number of classes and default image size of a dataset, to build a matching U-Net."""
-    if name not in _DATASET_INFO:
-        raise ValueError(f"Unknown dataset {name!r}; choose one of {sorted(_DATASET_INFO)}.")
-    return _DATASET_INFO[name]
 
 
 class CropBox(NamedTuple):
@@ -106,6 +66,8 @@ class CropBox(NamedTuple):
 
 
 CELEBA_WIDTH = 178
+
+
 CROP_BOXES = {
     "celeba64": CropBox(center_x=89, center_y=121, size=128),
     "center140": CropBox(center_x=89, center_y=109, size=140),
@@ -164,198 +126,6 @@ def crop_and_resize(image, image_size: int, crop: CropName | None = None):
         antialias=True,
     )[0]
     return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
-
-
-def make_dataset(
-    name: DatasetName,
-    split: SplitName = "train",
-    image_size: int | None = None,
-    batch_size: int = 64,
-    *,
-    data_dir: str | os.PathLike | None = None,
-    crop: CropName = "celeba64",
-    with_labels: bool = False,
-    training: bool | None = None,
-    cache: None | Literal["memory"] | str | os.PathLike = "memory",
-    seed: int = 0,
-    allow_upsample: bool = False,
-    holdout_fraction: float = 0.25,
-    num_images: int | None = None,
-    channels: int | None = None,
-) -> tf.data.Dataset:
-    """A batched tf.data pipeline of images in [-1, 1], ready for `DiffusionModel.fit`.
-
-    Training datasets (the default for split "train") shuffle, flip horizontally (CelebA, CIFAR-10),
-    repeat forever and drop the last partial batch. Other datasets are deterministic: sorted order, no
-    flip, one pass, last partial batch kept.
-
-    Args:
-        name: "celeba" (image folder), "celeba_tfds", "fashion_mnist", "cifar10" or "synthetic".
-        split: "train", "validation" or "test".
-        image_size: side of the square output images; None for the dataset's default (`dataset_info`):
-            64 for CelebA, 28 for Fashion-MNIST, 32 for CIFAR-10 and synthetic shapes.
-        batch_size: images per batch.
-        data_dir: CelebA: the image folder or a folder holding `img_align_celeba/` (default: the
-            `CELEBA_DIR` environment variable). TFDS datasets: the TFDS data directory.
-        crop: CelebA crop box, "celeba64" or "center140" (see the module docstring).
-        with_labels: yield `(images, labels)` with int32 labels of shape [B].
-        training: shuffle + flip + repeat + drop_remainder; default `split == "train"`.
-        cache: None, "memory", or a directory for tf.data cache files; the cache is taken after crop and
-            resize and holds uint8 images.
-        seed: seed for shuffling, flips and synthetic images.
-        allow_upsample: allow an `image_size` larger than the source crop.
-        holdout_fraction: fraction of CelebA files held out as validation when the partition file has no
-            validation or test images for the folder.
-        num_images: use only the first `num_images` images of the split (in sorted order).
-        channels: convert images to this many channels (default: the dataset's).
-
-    Returns:
-        A dataset of float32 [B, H, W, C] batches, or of `(images, labels)` pairs.
-
-    Example:
-
-    >>> dataset = make_dataset("synthetic", "train", image_size=16, batch_size=8, with_labels=True)
-    >>> images, labels = next(iter(dataset))
-    >>> images.shape, labels.shape
-    (TensorShape([8, 16, 16, 3]), TensorShape([8]))
-    """
-    info = dataset_info(name)
-    training = split == "train" if training is None else training
-    if with_labels and info.num_classes == 0:
-        raise ValueError(f"{name} has no class labels; call make_dataset with with_labels=False.")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
-    examples, num_examples = _uint8_examples(
-        name,
-        split,
-        image_size,
-        training=training,
-        data_dir=data_dir,
-        crop=crop,
-        seed=seed,
-        allow_upsample=allow_upsample,
-        holdout_fraction=holdout_fraction,
-        num_images=num_images,
-        channels=channels,
-    )
-    endless = num_examples is None  # synthetic training stream: nothing to cache, shuffle or repeat
-    if cache is not None and not endless:
-        source = data_dir if data_dir is not None or name != "celeba" else os.environ.get("CELEBA_DIR")
-        content = dict(
-            name=name,
-            split=split,
-            image_size=examples.element_spec[0].shape[0],
-            crop=crop,
-            channels=examples.element_spec[0].shape[-1],
-            training=training,
-            seed=seed,
-            holdout_fraction=holdout_fraction,
-            num_images=num_images,
-            source=str(pathlib.Path(source).expanduser().resolve()) if source else None,
-        )
-        examples = examples.cache(_cache_filename(cache, content))
-    if training and not endless:
-        buffer_size = min(num_examples, SHUFFLE_BUFFER_LIMIT)
-        examples = examples.shuffle(buffer_size, seed=seed, reshuffle_each_iteration=True).repeat()
-    batches = examples.batch(batch_size, drop_remainder=training, num_parallel_calls=tf.data.AUTOTUNE)
-    flip = training and name in _FLIPPED_WHEN_TRAINING
-
-    def finish_batch(batch_index, batch):
-        images, labels = batch
-        if flip:
-            images = _random_flip(images, seed, batch_index)
-        images = tf.cast(images, tf.float32) / 127.5 - 1.0
-        return (images, labels) if with_labels else images
-
-    batches = batches.enumerate().map(finish_batch, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
-    return batches.with_options(_sharding_options(name))
-
-
-def _sharding_options(name: DatasetName) -> tf.data.Options:
-    """How tf.distribute splits the pipeline between workers, so that they never train on the same images.
-
-    TFDS datasets are read from TFRecord files, so each worker reads its own files (FILE, the AUTO policy's
-    choice). Image folders and synthetic shapes are sharded by DATA: every worker runs the same pipeline
-    and keeps its own part of each global batch. (The folder's files are read by `tf.io.read_file` inside a
-    map, which FILE sharding cannot see.) DATA also keeps the stream of global batches that of a one-process
-    run, so a run on several workers trains on the same images as one on a single machine.
-    """
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = (
-        tf.data.experimental.AutoShardPolicy.AUTO if name in _TFDS_NAMES else tf.data.experimental.AutoShardPolicy.DATA
-    )
-    return options
-
-
-def load_images(
-    name: DatasetName,
-    split: SplitName = "validation",
-    image_size: int | None = None,
-    num_images: int = 1000,
-    **options,
-) -> np.ndarray:
-    """A fixed set of real images for evaluation and figures: the first `num_images` of the split.
-
-    Same preprocessing as `make_dataset` (crop, resize, channels) in sorted order, without flips. When the
-    split holds fewer images, all of them are returned and a warning says so.
-
-    Args:
-        name, split, image_size: as in `make_dataset`.
-        num_images: how many images to load.
-        **options: `data_dir`, `crop`, `seed`, `allow_upsample`, `holdout_fraction`, `channels`.
-
-    Returns:
-        uint8 array [N, H, W, C].
-    """
-    options.pop("cache", None)  # one sequential pass: nothing to reuse
-    examples, _ = _uint8_examples(name, split, image_size, training=False, num_images=num_images, **options)
-    batches = examples.map(lambda image, label: image).batch(256).prefetch(tf.data.AUTOTUNE)
-    images = np.concatenate([batch.numpy() for batch in batches])
-    if len(images) < num_images:
-        logger.warning("%s %s holds %d images, fewer than the %d asked for.", name, split, len(images), num_images)
-    return images
-
-
-def _uint8_examples(
-    name,
-    split,
-    image_size,
-    *,
-    training,
-    data_dir=None,
-    crop="celeba64",
-    seed=0,
-    allow_upsample=False,
-    holdout_fraction=0.25,
-    num_images=None,
-    channels=None,
-):
-    """Unbatched `(uint8 [S, S, C] image, int32 label)` examples and their count (None when endless)."""
-    info = dataset_info(name)
-    _check_choice("split", split, SPLITS)
-    _check_choice("crop", crop, CROP_BOXES)
-    image_size = info.image_size if image_size is None else int(image_size)
-    channels = info.channels if channels is None else channels
-    if image_size < 1:
-        raise ValueError(f"image_size must be positive, got {image_size}.")
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}.")
-    if num_images is not None and num_images < 1:
-        raise ValueError(f"num_images must be positive or None, got {num_images}.")
-    if name == "synthetic":
-        count = num_images or (None if training else SYNTHETIC_EVAL_SIZE)
-        return _synthetic_examples(split, image_size, channels, count, seed), count
-    if name == "celeba":
-        return _celeba_folder_examples(
-            data_dir, split, image_size, crop, channels, allow_upsample, holdout_fraction, num_images, training, seed
-        )
-    return _tfds_or_keras_examples(
-        name, split, image_size, crop, channels, allow_upsample, data_dir, num_images, training, seed
-    )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# CelebA from an image folder
 
 
 def celeba_files(
@@ -701,170 +471,3 @@ def _check_source_size(shape, image_size: int, crop: CropName | None, allow_upsa
             f"{'crop box' if crop else 'images'} of {source} ({width} pixels wide): the images would be upsampled. "
             f"Use image_size <= {math.floor(box_size + 1e-3)}, larger source images, or allow_upsample=True."
         )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# TFDS and keras.datasets
-
-
-def _tfds_or_keras_examples(
-    name, split, image_size, crop, channels, allow_upsample, data_dir, num_images, training, seed
-):
-    if split not in _TFDS_SPLITS[name]:
-        raise ValueError(f"{name} has the splits {_TFDS_SPLITS[name]}, not {split!r}.")
-    crop = crop if name == "celeba_tfds" else None
-    native_shape = (218, CELEBA_WIDTH) if name == "celeba_tfds" else (_NATIVE_SIZE[name],) * 2
-    _check_source_size(native_shape, image_size, crop, allow_upsample, name)
-    try:
-        examples = _tfds_examples(name, split, data_dir, training, seed)
-    except Exception as tfds_error:
-        if name == "celeba_tfds":
-            raise RuntimeError(
-                f"TFDS could not download or prepare celeb_a ({type(tfds_error).__name__}: {tfds_error}). Its "
-                "Google Drive files are often over their download quota. Use the image-folder path instead: "
-                f"make_dataset('celeba', data_dir=...). {CELEBA_HELP}"
-            ) from tfds_error
-        logger.warning(
-            "TFDS could not load %s (%s: %s); trying keras.datasets.", name, type(tfds_error).__name__, tfds_error
-        )
-        examples = _keras_examples(name, split, tfds_error)
-    if num_images is not None:
-        examples = examples.take(num_images)
-
-    def preprocess(image, label):
-        image = crop_and_resize(_convert_channels(image, channels), image_size, crop)
-        return image, tf.cast(label, tf.int32)
-
-    examples = examples.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-    count = int(examples.cardinality())
-    return examples, count if count >= 0 else SHUFFLE_BUFFER_LIMIT  # size unknown: shuffle with the largest buffer
-
-
-def _tfds_examples(name, split, data_dir, training, seed) -> tf.data.Dataset:
-    import tensorflow_datasets as tfds  # imported on use: it is slow to import and only these paths need it
-
-    builder = tfds.builder(_TFDS_NAMES[name], data_dir=None if data_dir is None else str(data_dir))
-    builder.download_and_prepare()
-    examples = builder.as_dataset(split=split, shuffle_files=training, read_config=tfds.ReadConfig(shuffle_seed=seed))
-    has_labels = "label" in builder.info.features
-    return examples.map(lambda example: (example["image"], example["label"] if has_labels else -1))
-
-
-def _keras_examples(name, split, tfds_error) -> tf.data.Dataset:
-    loader = {"fashion_mnist": keras.datasets.fashion_mnist, "cifar10": keras.datasets.cifar10}[name]
-    try:
-        (train_images, train_labels), (test_images, test_labels) = loader.load_data()
-    except Exception as keras_error:
-        raise RuntimeError(
-            f"Could not get {name}: TFDS failed ({type(tfds_error).__name__}: {tfds_error}) and keras.datasets "
-            f"failed ({type(keras_error).__name__}: {keras_error}). Both download it on first use and need "
-            "internet access then; on a machine without it, copy a TFDS data directory over and pass data_dir."
-        ) from keras_error
-    images, labels = (train_images, train_labels) if split == "train" else (test_images, test_labels)
-    if images.ndim == 3:  # Fashion-MNIST arrives without a channel axis
-        images = images[..., np.newaxis]
-    return tf.data.Dataset.from_tensor_slices((images, labels.reshape(-1).astype(np.int32)))
-
-
-def _convert_channels(image, channels: int):
-    """Grayscale <-> RGB and alpha dropped, for images with a static channel count."""
-    image_channels = image.shape[-1]
-    if image_channels in (2, 4):  # grayscale + alpha or RGBA
-        image, image_channels = image[..., : image_channels - 1], image_channels - 1
-    if image_channels == channels:
-        return image
-    if channels == 3:
-        return tf.image.grayscale_to_rgb(image)
-    return tf.image.rgb_to_grayscale(image)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Synthetic shapes
-
-
-def _synthetic_examples(split, image_size, channels, count, seed) -> tf.data.Dataset:
-    """Procedural shapes: one of SYNTHETIC_SHAPES (the label) in a random colour on a random background.
-
-    Image i of a split is a pure function of (seed, split, i), so datasets are reproducible and the
-    splits differ. `count=None` gives an endless stream.
-    """
-    indices = tf.data.Dataset.range(count) if count is not None else tf.data.Dataset.counter()
-    split_offset = SPLITS.index(split) << 40
-    render = functools.partial(_render_shape, image_size=image_size, channels=channels)
-    return indices.map(
-        lambda index: render(tf.stack([tf.cast(seed, tf.int64), split_offset + index])),
-        num_parallel_calls=tf.data.AUTOTUNE,
-    )
-
-
-def _render_shape(key, image_size: int, channels: int):
-    """Draws one shape with anti-aliased edges from a stateless random key [2]; returns (uint8 image, label)."""
-    keys = tf.random.experimental.stateless_split(key, num=6)
-    label = tf.random.stateless_uniform([], keys[0], 0, len(SYNTHETIC_SHAPES), dtype=tf.int32)
-    center = tf.random.stateless_uniform([2], keys[1], 0.3, 0.7) * image_size
-    radius = tf.random.stateless_uniform([], keys[2], 0.15, 0.3) * image_size
-    angle = tf.random.stateless_uniform([], keys[3], 0.0, 2 * math.pi)
-    background = tf.random.stateless_uniform([channels], keys[4])
-    # Half a turn of the colour wheel away, give or take 0.2: always visible against the background.
-    foreground = (background + 0.5 + tf.random.stateless_uniform([channels], keys[5], -0.2, 0.2)) % 1.0
-
-    pixel_centres = tf.range(image_size, dtype=tf.float32) + 0.5
-    y, x = tf.meshgrid(pixel_centres - center[0], pixel_centres - center[1], indexing="ij")
-    # Coordinates in the shape's own rotated frame.
-    u = x * tf.cos(angle) + y * tf.sin(angle)
-    v = -x * tf.sin(angle) + y * tf.cos(angle)
-    distance_from_centre = tf.sqrt(x**2 + y**2)
-    half_side = 0.8 * radius
-    square_excess_u, square_excess_v = tf.abs(u) - half_side, tf.abs(v) - half_side
-    triangle_edges = [u * tf.cos(2 * math.pi * k / 3) + v * tf.sin(2 * math.pi * k / 3) for k in range(3)]
-    signed_distances = tf.stack(  # in pixels, negative inside; order as in SYNTHETIC_SHAPES
-        [
-            distance_from_centre - radius,
-            tf.sqrt(tf.maximum(square_excess_u, 0.0) ** 2 + tf.maximum(square_excess_v, 0.0) ** 2)
-            + tf.minimum(tf.maximum(square_excess_u, square_excess_v), 0.0),
-            tf.reduce_max(tf.stack(triangle_edges), axis=0) - 0.5 * radius,
-            tf.abs(distance_from_centre - 0.75 * radius) - 0.25 * radius,
-        ]
-    )[label]
-    # Partial coverage of the pixels the edge passes through anti-aliases the shape.
-    coverage = tf.clip_by_value(0.5 - signed_distances, 0.0, 1.0)[..., tf.newaxis]
-    image = background + coverage * (foreground - background)
-    return tf.cast(tf.round(image * 255.0), tf.uint8), label
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Shared steps
-
-
-def _random_flip(images, seed: int, batch_index):
-    """Mirrors each image of a batch with probability 1/2, reproducibly from (seed, batch index)."""
-    key = tf.stack([tf.cast(seed, tf.int64), tf.cast(batch_index, tf.int64)])
-    mirrored = tf.random.stateless_uniform(tf.shape(images)[:1], key) < 0.5
-    return tf.where(mirrored[:, tf.newaxis, tf.newaxis, tf.newaxis], tf.reverse(images, axis=[2]), images)
-
-
-def _cache_filename(cache, content: dict) -> str:
-    """The `tf.data.Dataset.cache` argument: "" keeps images in memory, else a file named after its content."""
-    if cache == "memory":
-        return ""
-    directory = pathlib.Path(cache).expanduser()
-    directory.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256(repr(sorted(content.items())).encode()).hexdigest()[:10]
-    size = content["image_size"]
-    return str(directory / f"{content['name']}-{content['split']}-{size}x{size}-{digest}")
-
-
-_reported_messages = set()
-
-
-def _log_once(level: int, message: str, *args) -> None:
-    """Logs a report the first time only: the same dataset is often built for training and validation."""
-    if (message, args) not in _reported_messages:
-        _reported_messages.add((message, args))
-        logger.log(level, message, *args)
-
-
-def _check_choice(what: str, value, choices):
-    if value not in choices:
-        raise ValueError(f"Unknown {what} {value!r}; choose one of {list(choices)}.")
-    return value

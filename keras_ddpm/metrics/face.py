@@ -24,8 +24,10 @@ detected boxes: an image in which no face is found still enters both distances (
 whatever it shows, far from a face's, so a model that never draws a face cannot score well by
 being ignored), and a face drawn out of place is seen out of place instead of being re-centred.
 
->>> report = face_report(samples, held_out_faces, reference=training_faces)
->>> report["face_fd"], report["face_fd_real"]   # samples vs held-out, and the real-vs-real floor
+Example (uint8 face images [N, H, W, 3]; tests/test_face_metric.py runs it on CelebA):
+
+    report = face_report(samples, held_out_faces, reference=training_faces)
+    report["face_fd"], report["face_fd_real"]   # samples vs held-out, and the real-vs-real floor
 """
 
 import functools
@@ -35,7 +37,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_ddpm.metrics import _check_images, feature_statistics, frechet_distance
+from keras_ddpm.metrics.images import check_images
+from keras_ddpm.metrics.inception import feature_statistics, frechet_distance
 
 ONET_SIZE = 48  # O-Net's input side
 # Side the detection cascade sees: 3x a 32x32 image, room for P-Net's 12-px window. (At 128 px with a 32-px
@@ -156,7 +159,7 @@ def normalise_landmarks(landmarks: np.ndarray) -> np.ndarray:
 
 def embed_faces(images: np.ndarray, networks: FaceNetworks | None = None) -> FaceEmbedding:
     """Detection, O-Net features and landmark geometry of uint8 RGB images [N, H, W, 3]."""
-    images = _check_images(images, "images")
+    images = check_images(images, "images")
     if images.shape[-1] != 3:
         raise ValueError(f"The face metric needs RGB images, got {images.shape[-1]} channel(s).")
     networks = networks or load_face_networks()

@@ -1,0 +1,274 @@
+"""Run directories: what a training run writes, how its checkpoints are restored, and how a model is loaded back.
+
+Layout of a run directory:
+
+    config.json          model and training configuration (a rerun must match the model part)
+    checkpoints/         tf.train.CheckpointManager: `ckpt-<step>` with network, EMA network and optimizer
+    log.csv              per-epoch loss, step, images seen, learning rate (appended across restarts)
+    loss.png             the loss curve, redrawn every epoch
+    samples/step_*.png   sample grids from fixed seeds
+    best_ema.weights.h5  EMA weights with the lowest SWD so far, and best_ema.json (with --swd_every_epochs)
+    tensorboard/         scalars and sample images
+    savedmodel/1/        the exported EMA model (written when training finishes)
+    workertemp_*/        a multi-worker run's non-chief copies, deleted when training ends (see worker_directory)
+
+The optimizer's step count is the run's clock (`optimizer_step`): checkpoints are named `ckpt-<step>` and
+log.csv's `step` column comes from it. Checkpoints are kept only from weights that train well
+(`weights_problem`); a damaged or diverged newest checkpoint falls back to the newest one that restores.
+Training (`keras_ddpm.training`), sampling and evaluation (`load_generator`) all read runs through here.
+"""
+
+import csv
+import dataclasses
+import logging
+import math
+import pathlib
+import shutil
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_ddpm import files
+from keras_ddpm.config import ModelConfig, TrainConfig
+from keras_ddpm.export import clean_stale_exports, load_savedmodel
+from keras_ddpm.generation import Generator, SavedModelGenerator
+from keras_ddpm.model import DiffusionModel
+
+logger = logging.getLogger(__name__)
+
+# Predicting zeros scores a loss of about 1 (the targets, noise or v, have unit variance at most), so a network
+# 100 times worse than that has diverged even while its loss is still a finite number.
+DIVERGED_LOSS = 100.0
+
+
+def optimizer_step(model) -> int:
+    """The optimizer's step count: the run's clock. (`int()` of a multi-worker variable fails; `.numpy()` works.)"""
+    return int(model.optimizer.iterations.numpy())
+
+
+def is_diverged(loss) -> bool:
+    """A loss that is not finite or that is far worse than predicting zeros (see `DIVERGED_LOSS`)."""
+    loss = float(loss)
+    return not math.isfinite(loss) or loss > DIVERGED_LOSS
+
+
+def weights_problem(model, probe_images, probe_labels=None) -> str | None:
+    """Why the model's current weights must not be checkpointed, or None when they are fine.
+
+    The weights after an update have not produced a loss yet (the last batch's loss came from the weights
+    before it), and one wild update can wreck them while every logged loss is still small. So all
+    variables must be finite, and the network and its EMA copy must score a sane loss on `probe_images`.
+    """
+    variables = [*model.network.weights, *model.ema_network.weights, *model.optimizer.variables]
+    for variable in variables:
+        if "float" in str(variable.dtype) and not np.isfinite(keras.ops.convert_to_numpy(variable)).all():
+            return f"variable {variable.path} is not finite"
+    for name in ("network", "ema_network"):
+        loss = float(model.diffusion_loss(getattr(model, name), probe_images, probe_labels, training=False))
+        if is_diverged(loss):
+            return f"the {name.replace('_', ' ')} scores a loss of {loss:.4g} on a probe batch"
+    return None
+
+
+def check_same_model(output_dir, model_config: ModelConfig) -> None:
+    """Refuse an existing run directory that holds a run of a different model; reads only."""
+    config_path = pathlib.Path(output_dir) / "config.json"
+    if config_path.exists():
+        saved = ModelConfig.from_dict(files.read_json(config_path)["model"])
+        if saved != model_config:
+            changed = {
+                key: (value, getattr(model_config, key))
+                for key, value in saved.to_dict().items()
+                if value != getattr(model_config, key)
+            }
+            raise ValueError(
+                f"{output_dir} holds a run of a different model (saved vs requested: {changed}). "
+                "Use a new --output_dir, or the same model flags to resume."
+            )
+
+
+def prepare_run_directory(output_dir, model_config: ModelConfig, train_config: TrainConfig) -> pathlib.Path:
+    """Create the run directory, clean what killed runs left there, and write its config.json.
+
+    Call it once everything that can be checked has been: a failed run must not leave a config.json behind.
+    """
+    check_same_model(output_dir, model_config)
+    output_dir = files.check_writable(output_dir)
+    clean_stale_files(output_dir)
+    files.write_json(output_dir / "config.json", {"model": model_config.to_dict(), "train": dataclasses.asdict(train_config)})
+    return output_dir
+
+
+def worker_directory(run_dir, strategy: tf.distribute.Strategy) -> pathlib.Path:
+    """Where this process writes: the run directory on the chief, a temporary `workertemp_*` folder in it elsewhere.
+
+    Under MultiWorkerMirroredStrategy every worker runs the whole program, saves included (saving may involve
+    collective ops, says the tf.distribute multi-worker guide), but only the chief's files are kept: the other
+    workers write into a folder of their own, which `train()` deletes at the end and a restarted worker clears.
+    """
+    if strategy.extended.should_checkpoint:
+        return pathlib.Path(run_dir)
+    resolver = strategy.cluster_resolver
+    folder = pathlib.Path(run_dir) / f"workertemp_{resolver.task_type}_{resolver.task_id}"
+    shutil.rmtree(folder, ignore_errors=True)
+    return folder
+
+
+def clean_stale_files(output_dir) -> None:
+    """Remove what a killed run leaves: half-written checkpoints and exports (nothing is being written now)."""
+    checkpoint_dir = pathlib.Path(output_dir) / "checkpoints"
+    if checkpoint_dir.is_dir():
+        for stale in checkpoint_dir.glob("*_temp"):  # TensorFlow's staging folder of a checkpoint being written
+            logger.info("Removing %s, left by a run killed while saving.", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        state = tf.train.get_checkpoint_state(str(checkpoint_dir))
+        if state is not None:  # files of a checkpoint whose save never reached the index
+            listed = {pathlib.Path(path).name for path in state.all_model_checkpoint_paths}
+            for stale in checkpoint_dir.glob("ckpt-*.*"):
+                if stale.name.split(".")[0] not in listed:
+                    logger.info("Removing %s, a checkpoint file that is not in the index.", stale)
+                    stale.unlink()
+    clean_stale_exports(pathlib.Path(output_dir) / "savedmodel")
+
+
+def restore_checkpoint(output_dir, model, keep: int = 3, step: int | None = None, probe_batch=None, restore_dir=None):
+    """Restore the newest checkpoint that loads (or `ckpt-<step>`); returns (manager, restored step).
+
+    A newest checkpoint that fails to load (a full disk can truncate it) or whose weights fail
+    `weights_problem` on `probe_batch` (images, labels) is skipped with a warning, and the one
+    before it is tried. Checkpoints newer than the one restored are deleted, so the run's next saves do not
+    mix with them. The step is 0 when there was nothing to restore.
+
+    The manager saves into `output_dir`; the checkpoints restored are those of `restore_dir` (default
+    `output_dir`): the chief's run directory, for a worker that writes into a `worker_directory` of its own.
+    Only the process that owns the checkpoints (restore_dir is output_dir) deletes any.
+    """
+    checkpoint_dir = pathlib.Path(restore_dir or output_dir) / "checkpoints"
+    owns_checkpoints = restore_dir is None or pathlib.Path(restore_dir) == pathlib.Path(output_dir)
+    checkpoint = tf.train.Checkpoint(network=model.network, ema_network=model.ema_network, optimizer=model.optimizer)
+    state = tf.train.get_checkpoint_state(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+    candidates = list(state.all_model_checkpoint_paths) if state else []
+    if step is not None:
+        wanted = [path for path in candidates if pathlib.Path(path).name == f"ckpt-{step}"]
+        if not wanted:
+            available = ", ".join(pathlib.Path(path).name.removeprefix("ckpt-") for path in candidates) or "none"
+            raise ValueError(f"No checkpoint of step {step} in {checkpoint_dir} (steps available: {available}).")
+        candidates = wanted
+    if candidates:
+        # Create the optimizer's slots first so that they are restored now, not deferred.
+        model.optimizer.build(model.network.trainable_variables)
+    usable = (lambda: weights_problem(model, *probe_batch)) if probe_batch else None
+    path = restore_newest(checkpoint, candidates, usable)
+    step_restored = optimizer_step(model)
+    if path is not None:
+        if owns_checkpoints:
+            _discard_newer_checkpoints(checkpoint_dir, state, path)
+        logger.info("Resumed from %s (step %d).", path, step_restored)
+    # The manager reads the pruned index of the folder it saves into.
+    manager = tf.train.CheckpointManager(checkpoint, pathlib.Path(output_dir) / "checkpoints", max_to_keep=keep)
+    return manager, step_restored
+
+
+def restore_newest(checkpoint: tf.train.Checkpoint, paths: list[str], problem=None) -> str | None:
+    """Restore the newest of `paths` (oldest first) that loads and passes `problem()`; returns it.
+
+    Each one skipped is logged. Returns None when `paths` is empty; raises ValueError when none restores.
+    """
+    problems = []
+    for path in reversed(paths):
+        reason = _restore(checkpoint, path) or (problem() if problem else None)
+        if not reason:
+            return path
+        problems.append(f"{pathlib.Path(path).name}: {reason}")
+        logger.warning("Cannot use checkpoint %s (%s); trying the one before.", path, reason)
+    if problems:
+        raise ValueError(
+            f"No checkpoint in {pathlib.Path(paths[0]).parent} can be used ({'; '.join(problems)}). If they were "
+            "written by a different architecture, use a new --output_dir."
+        )
+    return None
+
+
+def _restore(checkpoint: tf.train.Checkpoint, path: str) -> str | None:
+    """Restore `path` into `checkpoint`'s objects; returns why it failed, or None."""
+    try:
+        checkpoint.restore(path).expect_partial().assert_existing_objects_matched()
+    except (AssertionError, ValueError, IndexError, OSError, tf.errors.OpError) as error:
+        return (getattr(error, "message", None) or str(error) or type(error).__name__).strip().splitlines()[0]
+    return None
+
+
+def _discard_newer_checkpoints(checkpoint_dir: pathlib.Path, state, restored: str) -> None:
+    """Delete the checkpoints after `restored` and make `restored` the latest one in the index."""
+    paths = list(state.all_model_checkpoint_paths)
+    kept = paths[: paths.index(restored) + 1]
+    if kept == paths:
+        return
+    for path in paths[len(kept):]:
+        logger.warning("Discarding %s, newer than the checkpoint the run resumes from.", path)
+        for file in pathlib.Path(path).parent.glob(pathlib.Path(path).name + ".*"):
+            file.unlink()
+    # The index writer CheckpointManager itself uses (the public one is deprecated in TF 2).
+    tf.__internal__.train.update_checkpoint_state(
+        str(checkpoint_dir), restored, all_model_checkpoint_paths=kept, save_relative_paths=True,
+        all_model_checkpoint_timestamps=list(state.all_model_checkpoint_timestamps)[: len(kept)] or None,
+        last_preserved_timestamp=state.last_preserved_timestamp,
+    )
+
+
+def trim_log(log_path, last_step: int) -> None:
+    """Keep the rows of log.csv up to `last_step` (the checkpoint resumed from) and drop a torn last line.
+
+    The log is written before each checkpoint, so a killed run may have logged steps it then lost; the
+    resumed run logs them again.
+    """
+    log_path = pathlib.Path(log_path)
+    if not log_path.exists():
+        return
+    lines = log_path.read_text().splitlines(keepends=True)
+    complete = [line for line in lines if line.endswith("\n")]
+    rows = list(csv.DictReader(complete))
+    kept = [line for line, row in zip(complete[1:], rows) if (row.get("step") or "").isdigit()
+            and int(row["step"]) <= last_step]
+    if kept == complete[1:] and len(complete) == len(lines):
+        return
+    if kept:
+        files.write_text(log_path, "".join(complete[:1] + kept))
+    else:
+        log_path.unlink()
+
+
+def load_run(output_dir, use_checkpoint: str | None = None) -> tuple[DiffusionModel, ModelConfig]:
+    """Rebuild the model of a run directory and restore its newest checkpoint that loads (or a given one).
+
+    Only the network and EMA network are restored (no optimizer): sampling and evaluation read a run, never
+    change it. The model's `metadata` names the run's dataset.
+    """
+    output_dir = pathlib.Path(output_dir)
+    config_path = output_dir / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{output_dir} is not a training run directory (no config.json).")
+    config = files.read_json(config_path)
+    model_config = ModelConfig.from_dict(config["model"])
+    model = model_config.build(metadata={"dataset": config.get("train", {}).get("dataset")})
+    checkpoint = tf.train.Checkpoint(network=model.network, ema_network=model.ema_network)
+    if use_checkpoint:
+        paths = [use_checkpoint]
+    else:
+        state = tf.train.get_checkpoint_state(str(output_dir / "checkpoints"))
+        paths = list(state.all_model_checkpoint_paths) if state else []
+    if restore_newest(checkpoint, paths) is None:
+        raise FileNotFoundError(f"{output_dir / 'checkpoints'} holds no checkpoint yet.")
+    return model, model_config
+
+
+def load_generator(path) -> Generator:
+    """A `Generator` from a run directory (its `DiffusionModel`) or an export folder (a `SavedModelGenerator`)."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No model at {path}: pass a SavedModel folder (e.g. savedmodel) or a run directory.")
+    if (path / "config.json").is_file():
+        model, _ = load_run(path)
+        return model
+    return SavedModelGenerator(*load_savedmodel(path))

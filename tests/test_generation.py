@@ -1,0 +1,62 @@
+"""The one sampling path: a plain DiffusionModel is a full `Generator`, and a `.keras` file keeps its images."""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_ddpm import plots
+from keras_ddpm.generation import check_request, generate_in_batches
+from keras_ddpm.model import DiffusionModel
+from keras_ddpm.schedule import NoiseSchedule
+from keras_ddpm.unet import build_unet
+
+TINY_UNET = dict(image_size=16, width=16, channel_multipliers=(1, 2), num_res_blocks=1, norm_groups=8)
+
+
+@pytest.fixture(scope="module")
+def trained_model():
+    """A tiny model after two optimizer steps, so its weights and EMA weights differ from their initial values."""
+    keras.utils.set_random_seed(0)
+    model = DiffusionModel(build_unet(**TINY_UNET), NoiseSchedule("linear", 100), objective="v",
+                           metadata={"dataset": "synthetic"}, seed=3)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    images = np.random.default_rng(0).uniform(-1, 1, (8, 16, 16, 3)).astype("float32")
+    model.fit(images, batch_size=4, epochs=1, verbose=0)
+    return model
+
+
+def test_a_plain_model_has_real_metadata(trained_model):
+    metadata = trained_model.metadata
+    assert metadata["dataset"] == "synthetic"
+    assert (metadata["image_size"], metadata["channels"], metadata["num_classes"]) == ([16, 16], 3, 0)
+    assert metadata["schedule"] == trained_model.schedule.get_config() and metadata["objective"] == "v"
+    assert (metadata["sampler"], metadata["eta"], metadata["spacing"]) == ("ddim", 0.0, None)
+    assert trained_model.max_batch_size is None
+
+
+def test_defaults_come_from_the_metadata(trained_model):
+    request = check_request(trained_model, 2)
+    assert (request.sampler, request.eta, request.steps) == ("ddim", 0.0, 50)
+    np.testing.assert_array_equal(trained_model.generate(2, steps=3), trained_model.generate(2, steps=3, eta=0.0,
+                                                                                            sampler="ddim"))
+
+
+def test_process_figures_work_with_a_plain_model(trained_model, tmp_path):
+    written = plots.process_figures(trained_model, tmp_path, seed=1, num_rows=2, num_frames=3, steps=3)
+    assert [path.name for path in written] == ["forward.png", "reverse.png"]  # synthetic data needs no files
+    assert all(path.stat().st_size > 0 for path in written)
+
+
+def test_a_keras_file_of_a_trained_model_draws_the_same_images(trained_model, tmp_path):
+    path = tmp_path / "model.keras"
+    trained_model.save(path)
+
+    loaded = keras.saving.load_model(path, compile=False)
+
+    assert isinstance(loaded, DiffusionModel) and loaded.metadata == trained_model.metadata
+    for network in ("network", "ema_network"):
+        for saved, restored in zip(getattr(trained_model, network).weights, getattr(loaded, network).weights):
+            np.testing.assert_array_equal(restored.numpy(), saved.numpy())
+    np.testing.assert_array_equal(loaded.generate(3, seed=5, steps=4), trained_model.generate(3, seed=5, steps=4))
+    np.testing.assert_array_equal(generate_in_batches(loaded, 3, batch_size=2, seed=5, verbose=False, steps=4),
+                                  trained_model.generate(3, seed=5, steps=4))
