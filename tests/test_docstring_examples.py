@@ -25,7 +25,11 @@ def test_every_module_with_examples_is_run():
     assert with_examples == sorted(MODULES_WITH_EXAMPLES)
 
 
-@pytest.mark.parametrize("name", MODULES_WITH_EXAMPLES)
+# keras_ddpm.model's example trains and samples (two traces, ~30 s): the full run.
+@pytest.mark.parametrize(
+    "name", [pytest.param(name, marks=pytest.mark.slow) if name == "keras_ddpm.model" else name
+             for name in MODULES_WITH_EXAMPLES]
+)
 def test_docstring_examples_run(name):
     module = importlib.import_module(name)
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
