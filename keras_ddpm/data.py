@@ -43,6 +43,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_ddpm import fashion_mnist
+
 logger = logging.getLogger(__name__)
 
 DatasetName = Literal["celeba", "celeba_tfds", "fashion_mnist", "cifar10", "synthetic"]
@@ -349,9 +351,25 @@ def _uint8_examples(
         return _celeba_folder_examples(
             data_dir, split, image_size, crop, channels, allow_upsample, holdout_fraction, num_images, training, seed
         )
+    if name == "fashion_mnist" and data_dir is not None and fashion_mnist.has_idx_files(data_dir):
+        return _idx_examples(data_dir, split, image_size, channels, allow_upsample, holdout_fraction, num_images)
     return _tfds_or_keras_examples(
         name, split, image_size, crop, channels, allow_upsample, data_dir, num_images, training, seed
     )
+
+
+def _idx_examples(data_dir, split, image_size, channels, allow_upsample, holdout_fraction, num_images):
+    """Fashion-MNIST from the official IDX files in `data_dir` (see `keras_ddpm.fashion_mnist` for the splits)."""
+    _check_source_size((fashion_mnist.IMAGE_SIDE,) * 2, image_size, None, allow_upsample, data_dir)
+    images, labels = fashion_mnist.split_examples(data_dir, split, holdout_fraction)
+    images, labels = images[:num_images], labels[:num_images]
+    _log_once(logging.INFO, "fashion_mnist %s: %d images from the IDX files in %s.", split, len(images), data_dir)
+
+    def preprocess(image, label):
+        return crop_and_resize(_convert_channels(image, channels), image_size, None), label
+
+    examples = tf.data.Dataset.from_tensor_slices((images, labels)).map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+    return examples, len(images)
 
 
 # ----------------------------------------------------------------------------------------------------------
