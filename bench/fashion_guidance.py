@@ -12,7 +12,8 @@
 
 Prints `key value` lines:
 
-    classifier_train_images / classifier_held_out_images / classifier_held_out_accuracy / classifier_seconds
+    classifier_train_images / classifier_held_out_images / classifier_held_out_accuracy
+    classifier_seconds          training (or, with an existing --classifier file, loading) and scoring the CNN
     real_class_swd              SWD x1e3 of `samples_per_class` real training images of a class vs the held-out
                                 images of that class, mean over classes: the floor a perfect model would reach
     real_pairwise_distance      mean RMS pixel distance (0-1 scale) between held-out images of one class
