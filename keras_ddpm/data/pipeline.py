@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_ddpm.data.celeba import CROP_BOXES, CropName, _celeba_folder_examples
+from keras_ddpm.data.fashion_mnist import has_idx_files, idx_examples
 from keras_ddpm.data.common import SHUFFLE_BUFFER_LIMIT, SPLITS, DatasetName, SplitName, _check_choice
 from keras_ddpm.data.synthetic import SYNTHETIC_EVAL_SIZE, SYNTHETIC_SHAPES, _synthetic_examples
 from keras_ddpm.data.tfds import _TFDS_NAMES, _tfds_or_keras_examples
@@ -88,7 +89,9 @@ def make_dataset(
             64 for CelebA, 28 for Fashion-MNIST, 32 for CIFAR-10 and synthetic shapes.
         batch_size: images per batch.
         data_dir: CelebA: the image folder or a folder holding `img_align_celeba/` (default: the
-            `CELEBA_DIR` environment variable). TFDS datasets: the TFDS data directory.
+            `CELEBA_DIR` environment variable). Fashion-MNIST: a folder holding the official IDX files, read
+            with no download (see `keras_ddpm.data.fashion_mnist`), else the TFDS data directory. TFDS datasets: the
+            TFDS data directory.
         crop: CelebA crop box, "celeba64" or "center140" (see the module docstring).
         with_labels: yield `(images, labels)` with int32 labels of shape [B].
         training: shuffle + flip + repeat + drop_remainder; default `split == "train"`.
@@ -97,7 +100,8 @@ def make_dataset(
         seed: seed for shuffling, flips and synthetic images.
         allow_upsample: allow an `image_size` larger than the source crop.
         holdout_fraction: fraction of CelebA files held out as validation when the partition file has no
-            validation or test images for the folder.
+            validation or test images for the folder, and of Fashion-MNIST IDX images when only one pair of
+            files (train or test) is in `data_dir`.
         num_images: use only the first `num_images` images of the split (in sorted order).
         channels: convert images to this many channels (default: the dataset's).
 
@@ -241,6 +245,8 @@ def _uint8_examples(
         return _celeba_folder_examples(
             data_dir, split, image_size, crop, channels, allow_upsample, holdout_fraction, num_images, training, seed
         )
+    if name == "fashion_mnist" and data_dir is not None and has_idx_files(data_dir):
+        return idx_examples(data_dir, split, image_size, channels, allow_upsample, holdout_fraction, num_images)
     return _tfds_or_keras_examples(
         name, split, image_size, crop, channels, allow_upsample, data_dir, num_images, training, seed
     )

@@ -4,11 +4,12 @@
     inception.py   FID (Heusel et al. 2017) and KID (Binkowski et al. 2018) on InceptionV3 features
     likelihood.py  the variational bound (Ho et al. 2020) in bits per dimension: needs the model, not samples
     face.py        a pretrained face network (MTCNN, offline): do samples hold together as faces?
+    classifier.py  a small CNN that judges Fashion-MNIST samples' classes, and within-class diversity
     images.py      the input check shared by all: uint8 images [N, H, W, C] with C = 1 or 3
 
 The functions take images as uint8 `[N, H, W, C]` arrays, the project's boundary format (except
-`variational_bound`, the NLL's core, which takes data in [-1, 1]). `face` is imported on its own
-(`from keras_ddpm.metrics import face`): it loads MTCNN only when it runs.
+`variational_bound`, the NLL's core, which takes data in [-1, 1]). `face` and `classifier` are imported on their
+own (`from keras_ddpm.metrics import face`): face loads MTCNN only when it runs.
 """
 
 from keras_ddpm.metrics.images import check_images
