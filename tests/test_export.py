@@ -62,7 +62,7 @@ def loaded(export_dir):
     return load_savedmodel(export_dir)
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def subprocesses(export_dir, tmp_path_factory):
     """saved_model_cli show/run and a fresh Python loading the export; `result(name)` waits for one's stdout."""
     workdir = tmp_path_factory.mktemp("subprocesses")
@@ -350,6 +350,7 @@ def test_export_rejects_bad_arguments(model, tmp_path, kwargs, error, message):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # three processes that load TensorFlow and the export: the full run
 def test_saved_model_cli_lists_the_three_signatures(subprocesses):
     signatures = parse_signature_defs(subprocesses("show"))
     images = ("DT_UINT8", "(-1, 16, 16, 3)")
@@ -372,6 +373,7 @@ def test_saved_model_cli_lists_the_three_signatures(subprocesses):
     }
 
 
+@pytest.mark.slow  # three processes that load TensorFlow and the export: the full run
 def test_saved_model_cli_run_serves_the_same_images(subprocesses, model):
     # saved_model_cli run loads the SavedModel the TF1 way (a Session restoring variables), as TF Serving does.
     subprocesses("run")
@@ -379,6 +381,7 @@ def test_saved_model_cli_run_serves_the_same_images(subprocesses, model):
     np.testing.assert_array_equal(images, model.generate(seeds=SEEDS, steps=EXPORT_STEPS))
 
 
+@pytest.mark.slow  # three processes that load TensorFlow and the export: the full run
 def test_fresh_process_without_keras_ddpm_generates_the_same_images(subprocesses, model):
     report = json.loads(subprocesses("fresh").strip().splitlines()[-1])
     assert report["keras_ddpm"] is False
