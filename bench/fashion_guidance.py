@@ -1,6 +1,6 @@
 """Class accuracy and diversity of a conditional Fashion-MNIST model across classifier-free guidance scales.
 
-    python bench/fashion_guidance.py --model=savedmodels/fashion_mnist --data_dir=../shared/data/fashion_mnist \
+    python bench/fashion_guidance.py --model=savedmodel/fashion_mnist --data_dir=../shared/data/fashion_mnist \
         [--guidance 1 2 3 5] [--samples_per_class 50] [--plot docs/fashion_guidance.png] [--grid_dir docs]
 
 1. Trains a small CNN (`keras_ddpm/metrics/classifier.py`) on the real training split of the IDX files (never the
