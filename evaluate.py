@@ -22,6 +22,7 @@ FLAGS = flags.FLAGS
 # The model shipped beside this script, so `python path/to/sample.py` works from any folder.
 SHIPPED_MODEL = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "savedmodel"))
 flags.DEFINE_string("model", SHIPPED_MODEL, "A SavedModel folder (highest version is used) or a training run directory.")
+flags.DEFINE_integer("checkpoint_step", None, "With a run directory: evaluate its checkpoint of this step, not the newest.")
 flags.DEFINE_list("metrics", ["swd", "nll"], "Metrics to compute: swd, fid, kid, face, nll, nn (nearest training images; fid and kid need InceptionV3 weights; face uses MTCNN, offline).")
 # Real images
 flags.DEFINE_enum("dataset", None, ["celeba", "celeba_tfds", "fashion_mnist", "cifar10", "synthetic"], "Real images; default: the model's training dataset, else celeba.")
@@ -60,13 +61,14 @@ def main(argv):
 
         metrics = evaluation.parse_metrics(FLAGS.metrics)
         model = FLAGS.model or None
-        output_json = evaluation.default_output_path(model) if FLAGS.output_json is None else FLAGS.output_json
+        output_json = FLAGS.output_json or evaluation.default_output_path(model, FLAGS.checkpoint_step)
         check_writable(os.path.dirname(os.path.abspath(output_json)))
         samples = evaluation.load_samples_npz(FLAGS.samples_npz) if FLAGS.samples_npz else None
         if samples is not None and "nll" not in metrics and not os.path.exists(FLAGS.model):
             model = None  # scoring given samples needs no model
         results = evaluation.evaluate(
-            model, samples=samples, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, split=FLAGS.split,
+            model, checkpoint_step=FLAGS.checkpoint_step, samples=samples, dataset=FLAGS.dataset,
+            data_dir=FLAGS.data_dir, split=FLAGS.split,
             crop=FLAGS.crop, metrics=metrics, num_images=FLAGS.num_images, sampler=FLAGS.sampler, steps=FLAGS.steps,
             eta=FLAGS.eta, seed=FLAGS.seed, batch_size=FLAGS.batch_size, inception_weights=FLAGS.inception_weights,
             stats_cache=FLAGS.stats_cache, nll_images=FLAGS.nll_images, nll_draws=FLAGS.nll_draws, nn_png=FLAGS.nn_png,

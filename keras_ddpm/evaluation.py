@@ -71,13 +71,14 @@ def model_defaults(path) -> dict:
     return {"dataset": metadata.get("dataset"), "image_shape": (*metadata["image_size"], metadata["channels"])}
 
 
-def default_output_path(model_path=None) -> pathlib.Path:
-    """Where the JSON goes by default: `<run>/evaluation.json`, next to a SavedModel folder, else `evaluation.json`."""
+def default_output_path(model_path=None, checkpoint_step: int | None = None) -> pathlib.Path:
+    """Where the JSON goes by default: `<run>/evaluation.json` (`evaluation-ckpt-<step>.json` for one checkpoint),
+    next to a SavedModel folder, else `evaluation.json`."""
     if model_path is None:
         return pathlib.Path("evaluation.json")
     path = pathlib.Path(model_path)
     if (path / "config.json").is_file():
-        return path / "evaluation.json"
+        return path / ("evaluation.json" if checkpoint_step is None else f"evaluation-ckpt-{checkpoint_step}.json")
     export_folder = path.parent if path.name.isdigit() else path  # a version folder such as savedmodel/1
     return export_folder.parent / "evaluation.json"
 
@@ -191,6 +192,7 @@ def _inception_cache_key(dataset, split, crop, data_dir, real_images, weights) -
 def evaluate(
     model=None,
     *,
+    checkpoint_step: int | None = None,
     samples: np.ndarray | None = None,
     dataset: str | None = None,
     data_dir: str | None = None,
@@ -216,6 +218,7 @@ def evaluate(
     Args:
         model: a run directory or SavedModel folder (path), an object from `load_generator`, a
             `DiffusionModel`, or None when `samples` are given and NLL is not asked for.
+        checkpoint_step: for a run directory, use its checkpoint of this step instead of the newest.
         samples: uint8 [N, H, W, C] images made earlier (e.g. `load_samples_npz`); the first `num_images`
             are used. Default: draw `num_images` samples from the model.
         dataset, data_dir, crop: the real images; default: what the model was trained on (run config or
@@ -250,9 +253,11 @@ def evaluate(
     needs_model = "nll" in names or (bool(sample_metrics) and samples is None)
     if needs_model and model is None:
         raise ValueError("Pass a model (a run directory or SavedModel folder): NLL and drawing samples need one.")
+    if checkpoint_step is not None and model_path is None:
+        raise ValueError("checkpoint_step needs the model as a run directory path.")
     if model_path is not None:  # a path: read its defaults, load it only when it must draw or score
         defaults = model_defaults(model_path)
-        generator = load_generator(model_path) if needs_model else None
+        generator = load_generator(model_path, checkpoint_step) if needs_model else None
     else:
         defaults = dict(model.metadata) if model is not None else {}
         generator = model
@@ -270,7 +275,7 @@ def evaluate(
 
     seconds, failed = {}, {}
     results = {
-        "model": str(model_path) if model_path is not None else None,
+        "model": str(model_path) if model_path is not None else None, "checkpoint_step": checkpoint_step,
         "dataset": dataset, "split": split, "crop": crop, "data_dir": data_dir, "image_shape": list(image_shape),
         "metrics": {}, "failed": failed, "seconds": seconds,
         "keras_ddpm_version": __version__,

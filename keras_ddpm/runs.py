@@ -148,13 +148,7 @@ def restore_checkpoint(output_dir, model, keep: int = 3, step: int | None = None
     owns_checkpoints = restore_dir is None or pathlib.Path(restore_dir) == pathlib.Path(output_dir)
     checkpoint = tf.train.Checkpoint(network=model.network, ema_network=model.ema_network, optimizer=model.optimizer)
     state = tf.train.get_checkpoint_state(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
-    candidates = list(state.all_model_checkpoint_paths) if state else []
-    if step is not None:
-        wanted = [path for path in candidates if pathlib.Path(path).name == f"ckpt-{step}"]
-        if not wanted:
-            available = ", ".join(pathlib.Path(path).name.removeprefix("ckpt-") for path in candidates) or "none"
-            raise ValueError(f"No checkpoint of step {step} in {checkpoint_dir} (steps available: {available}).")
-        candidates = wanted
+    candidates = checkpoint_paths(checkpoint_dir, step)
     if candidates:
         # Create the optimizer's slots first so that they are restored now, not deferred.
         model.optimizer.build(model.network.trainable_variables)
@@ -168,6 +162,20 @@ def restore_checkpoint(output_dir, model, keep: int = 3, step: int | None = None
     # The manager reads the pruned index of the folder it saves into.
     manager = tf.train.CheckpointManager(checkpoint, pathlib.Path(output_dir) / "checkpoints", max_to_keep=keep)
     return manager, step_restored
+
+
+def checkpoint_paths(checkpoint_dir, step: int | None = None) -> list[str]:
+    """The checkpoints listed in `checkpoint_dir`'s index, oldest first; only `ckpt-<step>` when a step is given."""
+    checkpoint_dir = pathlib.Path(checkpoint_dir)
+    state = tf.train.get_checkpoint_state(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+    paths = list(state.all_model_checkpoint_paths) if state else []
+    if step is None:
+        return paths
+    wanted = [path for path in paths if pathlib.Path(path).name == f"ckpt-{step}"]
+    if not wanted:
+        available = ", ".join(pathlib.Path(path).name.removeprefix("ckpt-") for path in paths) or "none"
+        raise ValueError(f"No checkpoint of step {step} in {checkpoint_dir} (steps available: {available}).")
+    return wanted
 
 
 def restore_newest(checkpoint: tf.train.Checkpoint, paths: list[str], problem=None) -> str | None:
@@ -239,8 +247,8 @@ def trim_log(log_path, last_step: int) -> None:
         log_path.unlink()
 
 
-def load_run(output_dir, use_checkpoint: str | None = None) -> tuple[DiffusionModel, ModelConfig]:
-    """Rebuild the model of a run directory and restore its newest checkpoint that loads (or a given one).
+def load_run(output_dir, step: int | None = None) -> tuple[DiffusionModel, ModelConfig]:
+    """Rebuild the model of a run directory and restore its newest checkpoint that loads (or `ckpt-<step>`).
 
     Only the network and EMA network are restored (no optimizer): sampling and evaluation read a run, never
     change it. The model's `metadata` names the run's dataset.
@@ -253,22 +261,20 @@ def load_run(output_dir, use_checkpoint: str | None = None) -> tuple[DiffusionMo
     model_config = ModelConfig.from_dict(config["model"])
     model = model_config.build(metadata={"dataset": config.get("train", {}).get("dataset")})
     checkpoint = tf.train.Checkpoint(network=model.network, ema_network=model.ema_network)
-    if use_checkpoint:
-        paths = [use_checkpoint]
-    else:
-        state = tf.train.get_checkpoint_state(str(output_dir / "checkpoints"))
-        paths = list(state.all_model_checkpoint_paths) if state else []
-    if restore_newest(checkpoint, paths) is None:
+    if restore_newest(checkpoint, checkpoint_paths(output_dir / "checkpoints", step)) is None:
         raise FileNotFoundError(f"{output_dir / 'checkpoints'} holds no checkpoint yet.")
     return model, model_config
 
 
-def load_generator(path) -> Generator:
-    """A `Generator` from a run directory (its `DiffusionModel`) or an export folder (a `SavedModelGenerator`)."""
+def load_generator(path, step: int | None = None) -> Generator:
+    """A `Generator` from a run directory (its `DiffusionModel`, at `ckpt-<step>` if given) or an export folder
+    (a `SavedModelGenerator`)."""
     path = pathlib.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"No model at {path}: pass a SavedModel folder (e.g. savedmodel) or a run directory.")
     if (path / "config.json").is_file():
-        model, _ = load_run(path)
+        model, _ = load_run(path, step)
         return model
+    if step is not None:
+        raise ValueError(f"{path} is an exported model, which has no checkpoints: a step needs a run directory.")
     return SavedModelGenerator(*load_savedmodel(path))

@@ -8,6 +8,7 @@ import csv
 import logging
 import pathlib
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -91,6 +92,19 @@ def test_a_diverged_newest_checkpoint_is_skipped_and_an_older_one_can_be_chosen(
     assert checkpoint_steps(tmp_path) == [1]
     with pytest.raises(ValueError, match="steps available: 1"):
         restore_checkpoint(tmp_path, model, step=7)
+
+
+def test_load_run_reads_the_checkpoint_of_a_given_step_and_leaves_the_run_alone(tmp_path):
+    """`evaluate.py --checkpoint_step`: compare runs at equal steps while they go on training."""
+    trained = run_with_checkpoints(tmp_path, wreck_last=True)
+    newest, _ = load_run(tmp_path)
+    older, _ = load_run(tmp_path, step=2)
+    head = "head_conv"
+    assert np.array_equal(newest.network.get_layer(head).kernel, trained.network.get_layer(head).kernel)
+    assert not np.array_equal(older.network.get_layer(head).kernel, newest.network.get_layer(head).kernel)
+    assert checkpoint_steps(tmp_path) == [1, 2, 3]
+    with pytest.raises(ValueError, match="steps available: 1, 2, 3"):
+        load_run(tmp_path, step=7)
 
 
 def test_no_usable_checkpoint_is_a_clear_error(tmp_path):
