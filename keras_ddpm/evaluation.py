@@ -135,19 +135,15 @@ def nearest_neighbours(queries: np.ndarray, references: np.ndarray, chunk_size: 
     if queries.shape[1:] != references.shape[1:] or queries.ndim != 4:
         raise ValueError(f"queries {queries.shape} and references {references.shape} must be [N, H, W, C] "
                          f"images of one shape.")
-    flat_queries = queries.reshape(len(queries), -1).astype(np.float64)
     indices = np.zeros(len(queries), np.int64)
     closest = np.full(len(queries), np.inf)
     for start in range(0, len(references), chunk_size):  # bounded memory for large training sets
-        chunk = references[start : start + chunk_size].reshape(-1, flat_queries.shape[1]).astype(np.float64)
-        # |q - r|^2 = |q|^2 - 2 q.r + |r|^2: one matrix product instead of N x M image differences.
-        squared = (np.square(flat_queries).sum(1)[:, None] - 2.0 * flat_queries @ chunk.T
-                   + np.square(chunk).sum(1)[None, :])
-        best = squared.argmin(axis=1)
-        best_squared = squared[np.arange(len(queries)), best]
-        better = best_squared < closest
-        indices[better], closest[better] = start + best[better], best_squared[better]
-    return indices, np.sqrt(np.maximum(closest, 0.0) / flat_queries.shape[1])
+        distances = metric_functions.rms_distances(queries, references[start : start + chunk_size])
+        best = distances.argmin(axis=1)
+        best_distances = distances[np.arange(len(queries)), best]
+        better = best_distances < closest
+        indices[better], closest[better] = start + best[better], best_distances[better]
+    return indices, closest
 
 
 def memorisation_check(samples, train_images, held_out_images, figure_path=None, num_shown: int = 16) -> dict:

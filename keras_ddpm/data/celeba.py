@@ -29,7 +29,6 @@ is held out as validation (and test), so the split is the same on every machine 
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import math
 import os
@@ -38,7 +37,7 @@ from typing import Literal, NamedTuple
 
 import tensorflow as tf
 
-from keras_ddpm.data.common import SPLITS, SplitName, _check_choice, _log_once
+from keras_ddpm.data.common import SPLITS, SplitName, _check_choice, _log_once, is_held_out
 
 logger = logging.getLogger(__name__)
 
@@ -331,8 +330,8 @@ def _celeba_splits(
             split: tuple(name for name, index in zip(file_names, official, strict=True) if index == split_index)
             for split_index, split in enumerate(SPLITS)
         }
-    held_out = tuple(name for name in file_names if _is_held_out(name, holdout_fraction))
-    train = tuple(name for name in file_names if not _is_held_out(name, holdout_fraction))
+    held_out = tuple(name for name in file_names if is_held_out(name, holdout_fraction))
+    train = tuple(name for name in file_names if not is_held_out(name, holdout_fraction))
     reason = (
         f"{partition_file} puts none of its {len(file_names)} images in validation or test"
         if partition_file
@@ -349,12 +348,6 @@ def _celeba_splits(
         len(held_out),
     )
     return {"train": train, "validation": held_out, "test": held_out}
-
-
-def _is_held_out(file_name: str, fraction: float) -> bool:
-    """A hash of the name, not Python's salted hash(): the same files on every machine and every run."""
-    digest = hashlib.sha256(file_name.encode()).digest()
-    return int.from_bytes(digest[:8], "big") < fraction * 2**64
 
 
 def _image_shape(path: pathlib.Path) -> tuple[int, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Literal
 
@@ -27,6 +28,15 @@ def _log_once(level: int, message: str, *args) -> None:
     if (message, args) not in _reported_messages:
         _reported_messages.add((message, args))
         logger.log(level, message, *args)
+
+
+def is_held_out(key: str, fraction: float) -> bool:
+    """Whether the example named `key` is held out: a SHA-256 hash of the name decides, not its position.
+
+    A cryptographic hash rather than a seeded permutation or Python's salted `hash()`: an example stays on its
+    side on every machine and run, however many examples the folder or file holds.
+    """
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") < fraction * 2**64
 
 
 def _check_choice(what: str, value, choices):

@@ -24,17 +24,15 @@ byte (0x08 = unsigned byte), the number of dimensions, then one uint32 size per 
 from __future__ import annotations
 
 import gzip
-import hashlib
+import logging
 import pathlib
 import zlib
-
-import logging
 
 import numpy as np
 import tensorflow as tf
 
 from keras_ddpm.data.celeba import _check_source_size, crop_and_resize
-from keras_ddpm.data.common import _log_once
+from keras_ddpm.data.common import _log_once, is_held_out
 from keras_ddpm.data.tfds import _convert_channels
 
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -110,17 +108,6 @@ def read_part(folder, part: str) -> tuple[np.ndarray, np.ndarray]:
     return images[..., np.newaxis], labels.astype(np.int32)
 
 
-def is_held_out(part: str, indices: np.ndarray, fraction: float) -> np.ndarray:
-    """Which images of a part (by index in its file) are held out: a hash of (part, index), not of the count.
-
-    A cryptographic hash rather than a seeded permutation, so an image's side does not depend on how many
-    images the file holds, and Python's salted `hash()` would change between runs.
-    """
-    digests = (hashlib.sha256(f"fashion_mnist/{part}/{index}".encode()).digest() for index in indices)
-    return np.fromiter((int.from_bytes(digest[:8], "big") < fraction * 2**64 for digest in digests), bool,
-                       count=len(indices))
-
-
 def split_examples(folder, split: str, holdout_fraction: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
     """`(images uint8 [N, 28, 28, 1], labels int32 [N])` of a split, in file order (see the module docstring).
 
@@ -140,7 +127,8 @@ def split_examples(folder, split: str, holdout_fraction: float = 0.25) -> tuple[
     if len(parts) == 2:  # the official split
         return read_part(folder, "train" if split == "train" else "test")
     images, labels = read_part(folder, parts[0])
-    held_out = is_held_out(parts[0], np.arange(len(images)), holdout_fraction)
+    held_out = np.array([is_held_out(f"fashion_mnist/{parts[0]}/{index}", holdout_fraction)
+                         for index in range(len(images))], bool)
     keep = ~held_out if split == "train" else held_out
     if not keep.any():
         raise ValueError(f"Split {split!r} of the {len(images)} Fashion-MNIST images in {folder} is empty; use a "

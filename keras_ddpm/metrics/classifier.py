@@ -14,6 +14,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from keras_ddpm.metrics.images import rms_distances
+
 
 def build_classifier(image_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
     """Four 3x3 conv layers, two poolings and two dense layers (about 470k weights)."""
@@ -70,10 +72,7 @@ def mean_pairwise_distance(images: np.ndarray) -> float:
 
     A diversity measure: identical images give 0, and two independent uniform-noise images about 0.41.
     """
-    flat = np.asarray(images, np.float64).reshape(len(images), -1) / 255.0
-    if len(flat) < 2:
-        raise ValueError(f"mean_pairwise_distance needs at least 2 images, got {len(flat)}.")
-    squared_norms = (flat**2).sum(axis=1)
-    squared = squared_norms[:, None] + squared_norms[None, :] - 2 * flat @ flat.T
-    distances = np.sqrt(np.maximum(squared, 0.0) / flat.shape[1])
-    return float(distances[np.triu_indices(len(flat), k=1)].mean())
+    if len(images) < 2:
+        raise ValueError(f"mean_pairwise_distance needs at least 2 images, got {len(images)}.")
+    distances = rms_distances(images, images) / 255.0
+    return float(distances[np.triu_indices(len(images), k=1)].mean())
