@@ -15,12 +15,13 @@ sys.path.insert(0, str(REPO))  # run from a checkout, installed or not
 
 RECIPES = {
     "cpu": REPO / "flags" / "celeba32_cpu.flags",  # 32x32, 2.2M parameters, float32
+    "cpu64": REPO / "flags" / "celeba64_cpu.flags",  # 64x64, the CPU recipe with one more level
     "gpu_recipe": REPO / "celeba.flags",  # 64x64, 35.7M parameters (DDPM's CelebA-HQ-like U-Net)
 }
 
 
 def recipe_configs(name: str):
-    """(ModelConfig, TrainConfig) of the recipe `name` ("cpu" or "gpu_recipe"), parsed as train.py parses it."""
+    """(ModelConfig, TrainConfig) of the recipe `name` (a key of RECIPES), parsed as train.py parses it."""
     if name not in RECIPES:
         raise ValueError(f"Unknown recipe {name!r}; choose one of {sorted(RECIPES)}.")
     from keras_ddpm.cli import configs_from_flagfile

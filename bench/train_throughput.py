@@ -160,7 +160,7 @@ def time_training(model_config, train_config, batch_size, precision, xla, warmup
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["cpu", "gpu_recipe", "both"], default="both")
+    parser.add_argument("--model", choices=[*common.RECIPES, "both"], default="both", help="both: cpu and gpu_recipe")
     parser.add_argument("--batch_size", type=int, help=f"default: the CPU recipe's 32; {SMALL_CPU_BATCH} for the GPU recipe")
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per configuration")
     parser.add_argument("--warmup_steps", type=int, default=3, help="untimed steps after the first one")
@@ -215,7 +215,7 @@ def main():
     timings = {}  # (model, precision, xla) -> (first step seconds, images per second)
     for name in models:
         model_config, train_config = common.recipe_configs(name)
-        batch_size = args.batch_size or (train_config.batch_size if name == "cpu" else SMALL_CPU_BATCH)
+        batch_size = args.batch_size or (SMALL_CPU_BATCH if name == "gpu_recipe" else train_config.batch_size)
         print(f"{name}_image_size {model_config.image_size}")
         print(f"{name}_batch_size {batch_size}", flush=True)
         for precision in args.precisions:
