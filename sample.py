@@ -15,6 +15,7 @@ FLAGS = flags.FLAGS
 # The model shipped beside this script, so `python path/to/sample.py` works from any folder.
 SHIPPED_MODEL = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "savedmodel"))
 flags.DEFINE_string("model", SHIPPED_MODEL, "A SavedModel folder (highest version is used) or a training run directory.")
+flags.DEFINE_integer("checkpoint_step", None, "With a run directory: sample its checkpoint of this step, not the newest.")
 flags.DEFINE_integer("num_images", 64, "How many images.")
 flags.DEFINE_enum("sampler", None, ["ddpm", "ddim", "dpm++"], "Sampler; default: the one the model was exported with.")
 flags.DEFINE_integer("steps", None, "Network evaluations; default 1000 (ddpm), 50 (ddim), 20 (dpm++).")
@@ -59,7 +60,7 @@ def main(argv):
             files.check_output_file(FLAGS.save_npz)
         if FLAGS.image_dir and pathlib.Path(FLAGS.image_dir).is_file():
             raise NotADirectoryError(f"--image_dir={FLAGS.image_dir} is a file; give a folder.")
-        generator = load_generator(FLAGS.model)
+        generator = load_generator(FLAGS.model, FLAGS.checkpoint_step)
         print(f"Model {FLAGS.model}:\n{describe(generator)}")
         options = dict(sampler=FLAGS.sampler, steps=FLAGS.steps, eta=FLAGS.eta,
                        spacing=FLAGS.spacing, guidance=FLAGS.guidance, labels=FLAGS.label)

@@ -16,8 +16,8 @@ from keras_ddpm import callbacks
 from keras_ddpm.config import ModelConfig
 from keras_ddpm.config import TrainConfig
 from keras_ddpm.errors import TrainingDiverged
-from keras_ddpm.runs import (clean_stale_files, load_run, prepare_run_directory, restore_checkpoint, trim_log,
-                             weights_problem)
+from keras_ddpm.runs import (clean_stale_files, load_generator, load_run, prepare_run_directory, restore_checkpoint,
+                             trim_log, weights_problem)
 from keras_ddpm.training import make_optimizer, train
 
 TINY = ModelConfig(image_size=16, width=8, channel_multipliers=(1,), num_res_blocks=1, attention_resolutions=(),
@@ -105,6 +105,8 @@ def test_load_run_reads_the_checkpoint_of_a_given_step_and_leaves_the_run_alone(
     assert checkpoint_steps(tmp_path) == [1, 2, 3]
     with pytest.raises(ValueError, match="steps available: 1, 2, 3"):
         load_run(tmp_path, step=7)
+    with pytest.raises(ValueError, match="exported model, which has no checkpoints"):
+        load_generator(pathlib.Path(__file__).resolve().parents[1] / "savedmodel", step=2)
 
 
 def test_no_usable_checkpoint_is_a_clear_error(tmp_path):
