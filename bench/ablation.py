@@ -4,8 +4,9 @@
 
 Arms (each is `train.py --flagfile=flags/celeba32_cpu.flags` plus `--base_flags` plus the flags shown):
 
-    baseline        the recipe: v-prediction, linear schedule, width 32 x (1, 2, 2, 2), attention at the bottleneck
-    bf16            --precision=mixed_bfloat16                       (faster steps where the CPU has native bf16)
+    baseline        the recipe: v-prediction, linear schedule, width 32 x (1, 2, 2, 2), attention at the bottleneck,
+                    precision auto (mixed_bfloat16 where the CPU has native bf16)
+    float32         --precision=float32                              (what auto gives up on a bf16 CPU)
     deep_channels   --channel_multipliers=1,2,4,4                    (capacity at 8x8 and 4x4, where it costs little)
     width48         --width=48
     attention16     --attention_resolutions=16,8                     (global coherence at 16x16 and 8x8)
@@ -42,7 +43,7 @@ from keras_ddpm import evaluation
 
 ARMS = {
     "baseline": [],
-    "bf16": ["--precision=mixed_bfloat16"],
+    "float32": ["--precision=float32"],
     "deep_channels": ["--channel_multipliers=1,2,4,4"],
     "width48": ["--width=48"],
     "attention16": ["--attention_resolutions=16,8"],

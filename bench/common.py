@@ -14,7 +14,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout, installed or not
 
 RECIPES = {
-    "cpu": REPO / "flags" / "celeba32_cpu.flags",  # 32x32, 2.2M parameters, float32
+    "cpu": REPO / "flags" / "celeba32_cpu.flags",  # 32x32, 2.2M parameters, precision auto
     "cpu64": REPO / "flags" / "celeba64_cpu.flags",  # 64x64, the CPU recipe with one more level
     "gpu_recipe": REPO / "celeba.flags",  # 64x64, 35.7M parameters (DDPM's CelebA-HQ-like U-Net)
 }
