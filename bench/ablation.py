@@ -55,12 +55,18 @@ ARMS = {
 UNBOUNDED_STEPS = 10**8
 
 
+def train_py_command(flagfile, data_dir, run_dir, seed: int, train_steps: int, steps_per_epoch: int,
+                     flags: list[str]) -> list[str]:
+    """train.py for one run of a comparison: no export, SWD monitor or sample grids; a checkpoint per epoch."""
+    return [sys.executable, str(common.REPO / "train.py"), f"--flagfile={flagfile}", f"--data_dir={data_dir}",
+            f"--output_dir={run_dir}", f"--train_steps={train_steps}", f"--steps_per_epoch={steps_per_epoch}",
+            f"--seed={seed}", "--export=false", "--swd_every_epochs=0", "--sample_every_epochs=1000000", *flags]
+
+
 def train_command(arm: str, seed: int, run_dir: pathlib.Path, args) -> list[str]:
     train_steps = UNBOUNDED_STEPS if args.minutes else args.train_steps
-    return [sys.executable, str(common.REPO / "train.py"), f"--flagfile={common.RECIPES['cpu']}",
-            f"--data_dir={args.data_dir}", f"--output_dir={run_dir}", f"--train_steps={train_steps}",
-            f"--steps_per_epoch={args.steps_per_epoch}", f"--seed={seed}", "--export=false", "--swd_every_epochs=0",
-            "--sample_every_epochs=1000000", *args.base_flags, *ARMS[arm]]
+    return train_py_command(common.RECIPES["cpu"], args.data_dir, run_dir, seed, train_steps, args.steps_per_epoch,
+                            [*args.base_flags, *ARMS[arm]])
 
 
 def newest_checkpoint_step(run_dir: pathlib.Path) -> int:

@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 import common
-from ablation import train_for_minutes
+from ablation import UNBOUNDED_STEPS, train_for_minutes, train_py_command
 
 ARMS = {
     "simple": ["--bottleneck_attention=false"],
@@ -41,15 +41,12 @@ ARMS = {
 }
 RECIPE = common.REPO / "flags" / "fashion_mnist.flags"
 SCORES = ("class_accuracy", "class_swd", "pairwise_distance")
-UNBOUNDED_STEPS = 10**8
 
 
 def train_command(arm: str, seed: int, run_dir: pathlib.Path, core: int, args) -> list[str]:
     """train.py on one core with one TensorFlow thread (taskset and env exec, so the PID is Python's)."""
     return ["taskset", "--cpu-list", str(core), "env", "TF_NUM_INTRAOP_THREADS=1", "TF_NUM_INTEROP_THREADS=1",
-            sys.executable, str(common.REPO / "train.py"), f"--flagfile={RECIPE}", f"--data_dir={args.data_dir}",
-            f"--output_dir={run_dir}", f"--train_steps={UNBOUNDED_STEPS}", f"--steps_per_epoch={args.steps_per_epoch}",
-            f"--seed={seed}", "--export=false", "--swd_every_epochs=0", "--sample_every_epochs=1000000", *ARMS[arm]]
+            *train_py_command(RECIPE, args.data_dir, run_dir, seed, UNBOUNDED_STEPS, args.steps_per_epoch, ARMS[arm])]
 
 
 def score(run_dir: pathlib.Path, args) -> dict:

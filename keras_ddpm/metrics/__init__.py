@@ -22,7 +22,7 @@ from keras_ddpm.metrics.swd import laplacian_pyramid, sliced_wasserstein_distanc
 
 __all__ = [
     "INCEPTION_IMAGE_SIZE", "INCEPTION_WEIGHTS_URL", "NLL_STRATA_SPACING", "NLL_TIMESTEP_DRAWS", "RealStatistics",
-    "cached_real_statistics", "check_images", "rms_distances", "discretized_gaussian_log_likelihood", "feature_statistics",
+    "cached_real_statistics", "check_images", "discretized_gaussian_log_likelihood", "feature_statistics",
     "fid_from_features", "frechet_distance", "inception_features", "kid_from_features", "laplacian_pyramid",
-    "load_inception", "nll_bits_per_dim", "sliced_wasserstein_distance", "variational_bound",
+    "load_inception", "nll_bits_per_dim", "rms_distances", "sliced_wasserstein_distance", "variational_bound",
 ]
