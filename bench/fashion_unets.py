@@ -9,12 +9,11 @@ Arms (each is `train.py --flagfile=flags/fashion_mnist.flags` plus the flags sho
     attention   (the recipe)                     self-attention at the 7x7 bottleneck
     attention14 --attention_resolutions=14       also after the 14x14 blocks, on the way down and up
 
-Fair clocks on two cores. Two runs train at once, each pinned to its own core (`taskset`) with one TensorFlow
-thread, for `--minutes` of wall-clock from process start (tracing included), and are then stopped. Runs are
-paired in order (seed by seed, arms in the order given), so with the default two arms both arms of a seed train
-side by side, and they swap cores from one seed to the next. Run it alone on the machine. The stopping
-and resuming rules are `bench/ablation.py`'s (`train_for_minutes`): a finished run (`<run>/budget.json`) is kept,
-an interrupted one starts again.
+Fair clocks on two cores: `bench/ablation.py`'s `train_pairs_for_minutes`. Two runs train at once, each pinned to
+its own core with one TensorFlow thread, for `--minutes` of wall-clock from process start (tracing included), and
+are then stopped. Runs are paired in order (seed by seed, arms in the order given), so with the default two arms
+both arms of a seed train side by side, and they swap cores from one seed to the next. Run it alone on the
+machine. A finished run (`<run>/budget.json`) is kept, an interrupted one starts again.
 
 Scoring: `bench/fashion_guidance.py` on each run's newest checkpoint at guidance `--guidance` (the shipped model's
 w = 3), with the same judging CNN for every run (`--classifier`, trained on the first call if the file is absent).
@@ -27,12 +26,11 @@ import json
 import pathlib
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 import common
-from ablation import UNBOUNDED_STEPS, train_for_minutes, train_py_command
+from ablation import UNBOUNDED_STEPS, train_pairs_for_minutes, train_py_command
 
 ARMS = {
     "simple": ["--bottleneck_attention=false"],
@@ -43,10 +41,8 @@ RECIPE = common.REPO / "flags" / "fashion_mnist.flags"
 SCORES = ("class_accuracy", "class_swd", "pairwise_distance")
 
 
-def train_command(arm: str, seed: int, run_dir: pathlib.Path, core: int, args) -> list[str]:
-    """train.py on one core with one TensorFlow thread (taskset and env exec, so the PID is Python's)."""
-    return ["taskset", "--cpu-list", str(core), "env", "TF_NUM_INTRAOP_THREADS=1", "TF_NUM_INTEROP_THREADS=1",
-            *train_py_command(RECIPE, args.data_dir, run_dir, seed, UNBOUNDED_STEPS, args.steps_per_epoch, ARMS[arm])]
+def train_command(arm: str, seed: int, run_dir: pathlib.Path, args) -> list[str]:
+    return train_py_command(RECIPE, args.data_dir, run_dir, seed, UNBOUNDED_STEPS, args.steps_per_epoch, ARMS[arm])
 
 
 def score(run_dir: pathlib.Path, args) -> dict:
@@ -82,22 +78,13 @@ def main():
     root = args.root.expanduser()
     root.mkdir(parents=True, exist_ok=True)
     args.classifier = args.classifier or root / "classifier.keras"
-    runs = [(arm, seed) for seed in args.seeds for arm in args.arms]
-    spent = {}
-    with ThreadPoolExecutor(max_workers=2) as pool:  # two runs at a time, one per core
-        for round_index, first in enumerate(range(0, len(runs), 2)):
-            pair = runs[first:first + 2]
-            commands = {run: train_command(*run, root / f"{run[0]}_s{run[1]}", (position + round_index) % 2, args)
-                        for position, run in enumerate(pair)}
-            for command in commands.values():
-                print(f"# {' '.join(command)}", flush=True)
-            futures = {run: pool.submit(train_for_minutes, command, root / f"{run[0]}_s{run[1]}", args.minutes)
-                       for run, command in commands.items()}
-            spent.update({run: future.result() for run, future in futures.items()})
+    arm_of = {f"{arm}_s{seed}": (arm, seed) for seed in args.seeds for arm in args.arms}
+    spent = train_pairs_for_minutes(
+        {name: (train_command(arm, seed, root / name, args), root / name) for name, (arm, seed) in arm_of.items()},
+        args.minutes)
     summary = {}
-    for arm, seed in runs:
-        name = f"{arm}_s{seed}"
-        summary[name] = {"arm": arm, "seed": seed, "flags": ARMS[arm], **spent[arm, seed], **score(root / name, args)}
+    for name, (arm, seed) in arm_of.items():
+        summary[name] = {"arm": arm, "seed": seed, "flags": ARMS[arm], **spent[name], **score(root / name, args)}
         scores = "\n".join(f"{name}_{key} {summary[name][key]:.4f}" for key in SCORES)
         print(f"{scores}\n{name}_steps {summary[name]['steps']}\n{name}_train_seconds {summary[name]['seconds']:.0f}",
               flush=True)

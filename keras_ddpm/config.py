@@ -18,6 +18,7 @@ CROPS = ("celeba64", "center140")
 SCHEDULES = ("linear", "cosine")
 OBJECTIVES = ("epsilon", "v")
 LOSS_WEIGHTINGS = ("none", "min_snr")
+TIMESTEP_SAMPLINGS = ("uniform", "log_normal")
 SAMPLERS = ("ddpm", "ddim", "dpm++")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
@@ -66,6 +67,9 @@ class ModelConfig:
     objective: str = setting("epsilon", "What the network predicts.", OBJECTIVES)
     loss_weighting: str = setting("none", "Loss weighting over timesteps.", LOSS_WEIGHTINGS)
     min_snr_gamma: float = setting(5.0, "gamma of min-SNR-gamma loss weighting (Hang et al. 2023).")
+    timestep_sampling: str = setting(
+        "uniform", "Training timesteps: uniform, or log_normal noise levels as in EDM (Karras et al. 2022).",
+        TIMESTEP_SAMPLINGS)
     ema_decay: float = setting(0.9999, "EMA decay of the sampling weights.")
     label_dropout: float = setting(0.1, "Classifier-free guidance: probability of the null label in training.")
 
@@ -99,6 +103,7 @@ class ModelConfig:
             objective=self.objective,
             loss_weighting=self.loss_weighting,
             min_snr_gamma=self.min_snr_gamma,
+            timestep_sampling=self.timestep_sampling,
             ema_decay=self.ema_decay,
             label_dropout=self.label_dropout,
             seed=seed,

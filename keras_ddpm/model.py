@@ -10,6 +10,9 @@ from keras_ddpm import generation, samplers
 from keras_ddpm.schedule import NoiseSchedule, Objective
 
 LossWeighting = Literal["none", "min_snr"]
+TimestepSampling = Literal["uniform", "log_normal"]
+# EDM's training distribution of noise levels, ln(sigma) ~ N(P_mean, P_std^2) (Karras et al. 2022, Table 1).
+EDM_LOG_SIGMA_MEAN, EDM_LOG_SIGMA_STD = -1.2, 1.2
 
 
 @keras.saving.register_keras_serializable(package="keras_ddpm")
@@ -19,7 +22,11 @@ class DiffusionModel(keras.Model):
     Training (`fit()`): for each image draw t ~ U{0, ..., T-1} and noise ~ N(0, I), form
     x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise and regress the network's output on the noise
     (`objective="epsilon"`, L_simple of Ho et al. 2020, Eq. 14) or on v (`objective="v"`, Salimans & Ho 2022),
-    optionally weighted by min-SNR-gamma (Hang et al. 2023). Under `mixed_float16` the loss is scaled by the
+    optionally weighted by min-SNR-gamma (Hang et al. 2023). With `timestep_sampling="log_normal"`, t is instead
+    the step whose noise level sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) is nearest a draw of
+    ln(sigma) ~ N(-1.2, 1.2^2), EDM's training distribution (Karras et al. 2022, Sec. 5 and Table 1). With v it
+    is EDM's recipe for data of unit scale: v-prediction is EDM's preconditioning with sigma_data = 1 and its
+    loss weight lambda(sigma) c_out(sigma)^2 = 1. Under `mixed_float16` the loss is scaled by the
     `LossScaleOptimizer` that `compile()` wraps around the optimizer. After each update an exponential moving
     average of the weights is kept in `ema_network`; sampling and export use it.
 
@@ -33,6 +40,7 @@ class DiffusionModel(keras.Model):
         objective: `"epsilon"` or `"v"`: what the network predicts.
         loss_weighting: `"none"` or `"min_snr"`.
         min_snr_gamma: gamma of min-SNR weighting.
+        timestep_sampling: `"uniform"` or `"log_normal"`: how training draws t.
         ema_decay: the EMA's decay; the update after optimizer step n uses min(ema_decay, (1 + n) / (10 + n)).
         label_dropout: probability of training a conditional model on the null label.
         seed: seeds the training draws (timesteps, noise, label dropout) of `train_step`; default: drawn from
@@ -57,6 +65,7 @@ class DiffusionModel(keras.Model):
         objective: Objective = "epsilon",
         loss_weighting: LossWeighting = "none",
         min_snr_gamma: float = 5.0,
+        timestep_sampling: TimestepSampling = "uniform",
         ema_decay: float = 0.9999,
         label_dropout: float = 0.1,
         seed: int | None = None,
@@ -68,6 +77,8 @@ class DiffusionModel(keras.Model):
             raise ValueError(f"Unknown objective {objective!r}; choose 'epsilon' or 'v'.")
         if loss_weighting not in ("none", "min_snr"):
             raise ValueError(f"Unknown loss_weighting {loss_weighting!r}; choose 'none' or 'min_snr'.")
+        if timestep_sampling not in ("uniform", "log_normal"):
+            raise ValueError(f"Unknown timestep_sampling {timestep_sampling!r}; choose 'uniform' or 'log_normal'.")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}.")
         self.network = network
@@ -75,6 +86,7 @@ class DiffusionModel(keras.Model):
         self.objective = objective
         self.loss_weighting = loss_weighting
         self.min_snr_gamma = min_snr_gamma
+        self.timestep_sampling = timestep_sampling
         self.ema_decay = ema_decay
         self.label_dropout = label_dropout
         self.seed = int(np.random.randint(2**31)) if seed is None else int(seed)
@@ -146,7 +158,7 @@ class DiffusionModel(keras.Model):
         batch_size = tf.shape(images)[0]
         if draws is None:
             draws = (
-                tf.random.uniform([batch_size], 0, self.schedule.num_timesteps, dtype=tf.int32),
+                self._draw_timesteps([batch_size]),
                 tf.random.normal(tf.shape(images)),
                 tf.random.uniform([batch_size]),
             )
@@ -185,11 +197,20 @@ class DiffusionModel(keras.Model):
             return tf.gather(values, places)
 
         global_batch = [local_batch * num_replicas]
-        timesteps = mine(tf.random.stateless_uniform(
-            global_batch, step_keys[0], 0, self.schedule.num_timesteps, dtype=tf.int32))
+        timesteps = mine(self._draw_timesteps(global_batch, step_keys[0]))
         label_coins = mine(tf.random.stateless_uniform(global_batch, step_keys[1]))
         noises = samplers.per_image_noise(places + ((self.seed % 2**31) << 32), step, self.image_shape)
         return timesteps, noises, label_coins
+
+    def _draw_timesteps(self, shape, key=None):
+        """Training timesteps, uniform or log-normal in noise level (see the class docstring); stateless given `key`."""
+        if self.timestep_sampling == "uniform":
+            bounds = {"minval": 0, "maxval": self.schedule.num_timesteps, "dtype": tf.int32}
+            if key is None:
+                return tf.random.uniform(shape, **bounds)
+            return tf.random.stateless_uniform(shape, key, **bounds)
+        normal = tf.random.normal(shape) if key is None else tf.random.stateless_normal(shape, key)
+        return self.schedule.nearest_timesteps(EDM_LOG_SIGMA_MEAN + EDM_LOG_SIGMA_STD * normal)
 
     def _loss_weights(self, timesteps):
         """min-SNR-gamma weights (Hang et al. 2023, Eq. 8) expressed for the chosen objective; 1 otherwise."""
@@ -326,6 +347,7 @@ class DiffusionModel(keras.Model):
             "objective": self.objective,
             "loss_weighting": self.loss_weighting,
             "min_snr_gamma": self.min_snr_gamma,
+            "timestep_sampling": self.timestep_sampling,
             "ema_decay": self.ema_decay,
             "label_dropout": self.label_dropout,
             "seed": self.seed,

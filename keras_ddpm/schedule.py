@@ -86,6 +86,9 @@ class NoiseSchedule:
         self._alpha_bars_from_clean = tf.constant(np.concatenate([[1.0], self.alpha_bars_np]), tf.float32)
         # SNR near t = 0 is ~1e4: 1 - alpha_bar must be formed in float64, not from the float32 table.
         self._snrs = tf.constant(self.alpha_bars_np / (1.0 - self.alpha_bars_np), tf.float32)
+        # Midpoints between neighbouring steps' ln(sigma_t), sigma_t = SNR_t^(-1/2): the bins of `nearest_timesteps`.
+        log_sigmas = -0.5 * np.log(self.alpha_bars_np / (1.0 - self.alpha_bars_np))
+        self._log_sigma_bin_edges = tf.constant((log_sigmas[1:] + log_sigmas[:-1]) / 2, tf.float32)
 
     def get_config(self) -> dict:
         return {
@@ -114,6 +117,15 @@ class NoiseSchedule:
     def snr(self, t) -> tf.Tensor:
         """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t) (Kingma et al. 2021) for t in [0, T), shape of `t`."""
         return tf.gather(self._snrs, tf.cast(t, tf.int32))
+
+    def nearest_timesteps(self, log_sigmas) -> tf.Tensor:
+        """The timesteps whose noise levels sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) are nearest in log.
+
+        sigma_t is the noise level of Karras et al. 2022 (EDM): x_t / sqrt(alpha_bar_t) = x_0 + sigma_t noise.
+        Levels outside the schedule's range map to its first or last step. Returns int32 of the shape of
+        `log_sigmas` (a 1-D tensor).
+        """
+        return tf.searchsorted(self._log_sigma_bin_edges, tf.cast(log_sigmas, tf.float32), out_type=tf.int32)
 
     # -- the forward process -------------------------------------------------------------------------------
 

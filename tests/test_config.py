@@ -21,8 +21,9 @@ from keras_ddpm.config import ModelConfig, TrainConfig
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RECIPES = json.loads((REPO / "tests" / "data" / "recipe_configs.json").read_text())
 # Fields added to ModelConfig after the snapshot, with the values the old code used without saying so:
-# NoiseSchedule's beta_1 and beta_T (Ho et al. 2020) and DiffusionModel's min-SNR gamma (Hang et al. 2023).
-ADDED_FIELDS = {"beta_start": 1e-4, "beta_end": 0.02, "min_snr_gamma": 5.0}
+# NoiseSchedule's beta_1 and beta_T (Ho et al. 2020), DiffusionModel's min-SNR gamma (Hang et al. 2023) and its
+# uniform timesteps.
+ADDED_FIELDS = {"beta_start": 1e-4, "beta_end": 0.02, "min_snr_gamma": 5.0, "timestep_sampling": "uniform"}
 # Defaults of the library's constructors that differ from ModelConfig's on purpose: `build_unet` is also called
 # for small images (28x28 never reaches a 16x16 level, so attention at 16 would be an error there) and by
 # tests that want no dropout; the project's models come from ModelConfig, which sets all three.
