@@ -33,8 +33,9 @@ Scoring, on the final EMA weights and with both cores: SWD and the face metric (
 unless `--sampler`/`--steps` say otherwise), and with `--metrics` including nll, the NLL bound on `--nll_images`
 held-out faces. Prints `key value` lines per run (`<arm>_s<seed>_swd_mean`, `_face_rate`, `_face_fd`,
 `_face_landmark_fd`, `_nll_bpd` when measured, `_train_seconds`, `_steps`), the real faces' floor once
-(`floor_face_fd`, `floor_face_landmark_fd`), and writes `<root>/ablation.json`, which keeps the runs of earlier
-calls with the same budget and scoring (so arms and seeds can be added later).
+(`floor_face_fd`, `floor_face_landmark_fd`), and writes `<root>/ablation.json` and a bar chart
+`<root>/ablation.png`. The summary keeps the runs of earlier calls with the same budget and scoring, so arms and
+seeds can be added later.
 """
 
 import argparse
@@ -187,6 +188,27 @@ def train_all(runs: dict[str, tuple[list[str], pathlib.Path]], args) -> dict[str
     return spent
 
 
+def plot_scores(summary: dict, png_path: pathlib.Path) -> None:
+    """Bars per run: SWD (lower is better) and face rate (higher is better), with the steps each run reached."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted(summary, key=lambda name: summary[name]["swd"]["swd_mean"])
+    labels = [f"{name} ({summary[name]['steps']} steps)" for name in names]
+    figure, (swd_axis, face_axis) = plt.subplots(1, 2, figsize=(10, 0.45 * len(names) + 1.2), sharey=True)
+    swd_axis.barh(labels, [summary[name]["swd"]["swd_mean"] for name in names], color="tab:blue")
+    swd_axis.set_xlabel("SWD (lower is better)")
+    swd_axis.invert_yaxis()
+    face_axis.barh(labels, [summary[name]["face"]["face_rate"] for name in names], color="tab:green")
+    face_axis.axvline(summary[names[0]]["face"]["face_rate_real"], color="black", linestyle="--")
+    face_axis.set_xlabel("face rate (higher is better; dashed: real faces)")
+    figure.tight_layout()
+    figure.savefig(png_path, dpi=100)
+    plt.close(figure)
+
+
 def earlier_runs(summary_file: pathlib.Path, settings: dict) -> dict:
     """The runs an earlier call scored under the same budget and scoring, so that arms can be added later."""
     if not summary_file.exists():
@@ -219,6 +241,7 @@ def main():
         summary[name] = {"arm": arm, "seed": seed, "flags": args.base_flags + ARMS[arm], **spent_by_run[name],
                          **metrics}
         (root / "ablation.json").write_text(json.dumps({**settings, "runs": summary}, indent=1) + "\n")
+        plot_scores(summary, root / "ablation.png")
 
 
 if __name__ == "__main__":
