@@ -69,7 +69,7 @@ def test_uniform_draws_are_unchanged():
     np.testing.assert_array_equal(model._draw_timesteps([64], key).numpy(), expected.numpy())
 
 
-def test_log_normal_trains_and_round_trips(tmp_path):
+def test_log_normal_trains_and_round_trips():
     model = ModelConfig(image_size=8, width=8, channel_multipliers=(1,), num_res_blocks=1, norm_groups=4,
                         attention_resolutions=(), bottleneck_attention=False, dropout=0.0, objective="v",
                         timestep_sampling="log_normal").build(seed=1)
