@@ -1,0 +1,56 @@
+"""The train step's optimizer: Keras' Adam arithmetic and variables, TensorFlow's fused kernel."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_ddpm.config import TrainConfig
+from keras_ddpm.training import GlobalClipAdam, LinearWarmup, make_optimizer
+
+SHAPES = [(3, 3, 4, 8), (8,), (5, 7)]
+
+
+def run_steps(optimizer, steps=6, gradient_scale=1.0):
+    """Apply `steps` seeded random gradients to fresh variables in a `tf.function`; returns the optimizer."""
+    variables = [keras.Variable(tf.random.stateless_normal(shape, [index, 0]), name=f"weight_{index}")
+                 for index, shape in enumerate(SHAPES)]
+    optimizer.build(variables)
+
+    @tf.function
+    def apply(step):
+        gradients = [gradient_scale * tf.random.stateless_normal(shape, [index, step + 1])
+                     for index, shape in enumerate(SHAPES)]
+        optimizer.apply(gradients, variables)
+
+    for step in range(steps):
+        apply(tf.constant(step))
+    return optimizer
+
+
+def values(optimizer) -> dict:
+    """The optimizer's variables by name (its own name left out), in order."""
+    return {variable.path.split("/", 1)[1]: variable.numpy() for variable in optimizer.variables}
+
+
+@pytest.mark.parametrize("clipnorm", [None, 1.0])
+def test_the_fused_update_is_keras_adam(clipnorm):
+    # Gradients of norm ~5 against a clipnorm of 1, so the clipped case really clips.
+    schedule = dict(learning_rate=LinearWarmup(1e-2, 3), global_clipnorm=clipnorm)
+    fused = values(run_steps(GlobalClipAdam(**schedule), gradient_scale=1.0))
+    keras_adam = values(run_steps(keras.optimizers.Adam(**schedule), gradient_scale=1.0))
+    assert list(fused) == list(keras_adam)  # the same slots, names and order: checkpoints still load
+    for path, value in keras_adam.items():
+        np.testing.assert_allclose(fused[path], value, rtol=1e-5, atol=1e-7, err_msg=path)
+    assert any(not np.array_equal(value, 0.0) for path, value in fused.items() if "momentum" in path)
+
+
+def test_the_variables_move():
+    optimizer = make_optimizer(TrainConfig(learning_rate=1e-2, warmup_steps=1))
+    variables = [keras.Variable(tf.ones(shape)) for shape in SHAPES]
+    optimizer.build(variables)
+    optimizer.apply([tf.ones(shape) for shape in SHAPES], variables)
+    # Adam's first step moves every weight by the learning rate against the gradient's sign.
+    for variable in variables:
+        np.testing.assert_allclose(variable.numpy(), 1.0 - 1e-2, rtol=1e-6)
+    assert int(optimizer.iterations) == 1
