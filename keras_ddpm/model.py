@@ -1,6 +1,6 @@
 """`DiffusionModel`: a U-Net, its EMA copy and a noise schedule, trained with `fit()` and sampled with `generate()`."""
 
-from typing import Literal
+from typing import Literal, get_args
 
 import keras
 import numpy as np
@@ -73,12 +73,10 @@ class DiffusionModel(keras.Model):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if objective not in ("epsilon", "v"):
-            raise ValueError(f"Unknown objective {objective!r}; choose 'epsilon' or 'v'.")
-        if loss_weighting not in ("none", "min_snr"):
-            raise ValueError(f"Unknown loss_weighting {loss_weighting!r}; choose 'none' or 'min_snr'.")
-        if timestep_sampling not in ("uniform", "log_normal"):
-            raise ValueError(f"Unknown timestep_sampling {timestep_sampling!r}; choose 'uniform' or 'log_normal'.")
+        for name, value, kind in (("objective", objective, Objective), ("loss_weighting", loss_weighting, LossWeighting),
+                                  ("timestep_sampling", timestep_sampling, TimestepSampling)):
+            if value not in get_args(kind):
+                raise ValueError(f"Unknown {name} {value!r}; choose one of {get_args(kind)}.")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}.")
         self.network = network

@@ -36,7 +36,7 @@ In the code "sigma" alone is never used: it is `noise_rate` (DPM-Solver's sigma_
 (DDPM's and DDIM's sigma_t).
 """
 
-from typing import Callable, Literal
+from typing import Callable, Literal, get_args
 
 import tensorflow as tf
 
@@ -44,7 +44,7 @@ from keras_ddpm.schedule import NoiseSchedule, PosteriorVariance
 
 SamplerName = Literal["ddpm", "ddim", "dpm++"]
 Spacing = Literal["uniform", "quadratic", "logsnr"]
-SAMPLERS = ("ddpm", "ddim", "dpm++")
+SAMPLERS = get_args(SamplerName)
 SPACINGS = ("uniform", "quadratic", "logsnr")
 # DPM-Solver++ takes its largest steps in log-SNR, so it is spaced there (Lu et al. 2022); on Gaussian data
 # (tests/test_samplers.py) uniform-in-t spacing leaves it 39% off the true std at 10 steps, log-SNR 3%.

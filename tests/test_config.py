@@ -93,6 +93,19 @@ def test_the_flags_default_to_the_dataclass_defaults():
             assert flag_values[name].help.endswith(field.metadata["help"])  # enum flags prefix their choices
 
 
+def test_the_flags_offer_the_choices_the_library_takes():
+    # config.py imports no model code, so it lists the choices again; this keeps the two lists equal.
+    from typing import get_args
+
+    from keras_ddpm import config, model, samplers, schedule
+
+    assert config.OBJECTIVES == get_args(schedule.Objective)
+    assert config.LOSS_WEIGHTINGS == get_args(model.LossWeighting)
+    assert config.TIMESTEP_SAMPLINGS == get_args(model.TimestepSampling)
+    assert config.SAMPLERS == samplers.SAMPLERS
+    assert config.SCHEDULES == get_args(schedule.ScheduleKind)
+
+
 def test_the_library_constructors_default_to_the_model_config():
     from keras_ddpm.model import DiffusionModel
     from keras_ddpm.schedule import NoiseSchedule

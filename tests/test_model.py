@@ -128,6 +128,12 @@ def test_generate_rejects_bad_arguments(trained_model, kwargs, message):
         trained_model.generate(2, **kwargs)
 
 
+@pytest.mark.parametrize("setting", ["objective", "loss_weighting", "timestep_sampling"])
+def test_the_model_rejects_an_unknown_training_choice(setting):
+    with pytest.raises(ValueError, match=f"Unknown {setting} 'typo'; choose one of"):
+        make_model(**{setting: "typo"})
+
+
 def test_v_objective_and_min_snr_train():
     model = make_model(objective="v", loss_weighting="min_snr")
     history = model.fit(toy_images(128), batch_size=32, epochs=4, verbose=0)
