@@ -30,6 +30,9 @@ flags.DEFINE_string("data_dir", None, "CelebA image folder (or its parent; defau
 flags.DEFINE_enum("split", "validation", ["train", "validation", "test"], "Split the real images come from.")
 flags.DEFINE_enum("crop", None, ["celeba64", "center140"], "CelebA crop box; default: the run's, else celeba64.")
 # Samples
+flags.DEFINE_enum("precision", "float32", ["auto", "float32", "mixed_float16", "mixed_bfloat16"],
+                  "Run directories only: the network's dtype policy. auto: mixed_bfloat16 on a CPU with native bf16, "
+                  "mixed_float16 on a GPU (faster, images a little different); SavedModels sample in float32.")
 flags.DEFINE_integer("num_images", 2000, "Samples and real images for SWD, FID, KID and face.")
 flags.DEFINE_string("samples_npz", None, "Score these images (an .npz from sample.py --save_npz) instead of sampling.")
 flags.DEFINE_enum("sampler", None, ["ddpm", "ddim", "dpm++"], "Sampler; default: the one the model was exported with (ddim for runs).")
@@ -67,7 +70,8 @@ def main(argv):
         if samples is not None and "nll" not in metrics and not os.path.exists(FLAGS.model):
             model = None  # scoring given samples needs no model
         results = evaluation.evaluate(
-            model, checkpoint_step=FLAGS.checkpoint_step, samples=samples, dataset=FLAGS.dataset,
+            model, checkpoint_step=FLAGS.checkpoint_step, precision=FLAGS.precision,
+            samples=samples, dataset=FLAGS.dataset,
             data_dir=FLAGS.data_dir, split=FLAGS.split,
             crop=FLAGS.crop, metrics=metrics, num_images=FLAGS.num_images, sampler=FLAGS.sampler, steps=FLAGS.steps,
             eta=FLAGS.eta, seed=FLAGS.seed, batch_size=FLAGS.batch_size, inception_weights=FLAGS.inception_weights,

@@ -43,7 +43,8 @@ import tensorflow as tf  # noqa: E402
 from tensorflow.python.framework import graph_util, ops  # noqa: E402  (the profiler's FLOP registry)
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2  # noqa: E402
 
-from keras_ddpm.training import make_optimizer, resolve_precision  # noqa: E402
+from keras_ddpm.precision import resolve_precision  # noqa: E402
+from keras_ddpm.training import make_optimizer  # noqa: E402
 
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 SMALL_CPU_BATCH = 8  # the GPU recipe trains at 128; on a CPU a few images per step are enough to time it

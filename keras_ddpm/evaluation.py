@@ -33,7 +33,7 @@ from keras_ddpm.errors import NotOurSavedModelError
 from keras_ddpm.export import find_version_dir, read_metadata
 from keras_ddpm.files import read_json
 from keras_ddpm.generation import Generator, generate_in_batches, sampling_defaults
-from keras_ddpm.runs import load_generator
+from keras_ddpm.runs import load_generator, sampling_precision
 
 METRICS = ("swd", "fid", "kid", "nll", "nn", "face")
 DEFAULT_METRICS = ("swd", "nll")  # the two that need no pretrained weights at all
@@ -189,6 +189,7 @@ def evaluate(
     model=None,
     *,
     checkpoint_step: int | None = None,
+    precision: str = "float32",
     samples: np.ndarray | None = None,
     dataset: str | None = None,
     data_dir: str | None = None,
@@ -215,6 +216,8 @@ def evaluate(
         model: a run directory or SavedModel folder (path), an object from `load_generator`, a
             `DiffusionModel`, or None when `samples` are given and NLL is not asked for.
         checkpoint_step: for a run directory, use its checkpoint of this step instead of the newest.
+        precision: the dtype policy a run directory's network samples and scores in, or "auto" (see
+            `keras_ddpm.runs.sampling_precision`); SavedModels sample in float32.
         samples: uint8 [N, H, W, C] images made earlier (e.g. `load_samples_npz`); the first `num_images`
             are used. Default: draw `num_images` samples from the model.
         dataset, data_dir, crop: the real images; default: what the model was trained on (run config or
@@ -251,12 +254,16 @@ def evaluate(
         raise ValueError("Pass a model (a run directory or SavedModel folder): NLL and drawing samples need one.")
     if checkpoint_step is not None and model_path is None:
         raise ValueError("checkpoint_step needs the model as a run directory path.")
+    if precision not in ("auto", "float32") and model_path is None:
+        raise ValueError(f"precision {precision!r} needs the model as a run directory path.")
     if model_path is not None:  # a path: read its defaults, load it only when it must draw or score
         defaults = model_defaults(model_path)
-        generator = load_generator(model_path, checkpoint_step) if needs_model else None
+        precision = sampling_precision(model_path, precision)[0]
+        generator = load_generator(model_path, checkpoint_step, precision) if needs_model else None
     else:
         defaults = dict(model.metadata) if model is not None else {}
         generator = model
+        precision = None  # whatever the caller built it with
     batch_size = min(batch_size, (generator.max_batch_size if generator is not None else None) or batch_size)  # an export's cap
     dataset = dataset or defaults.get("dataset") or "celeba"
     data_dir = data_dir or defaults.get("data_dir")
@@ -290,6 +297,7 @@ def evaluate(
             with _timed(seconds, "sampling"):
                 samples, results["samples"] = _draw_samples(generator, num_images, sampler, steps, eta, seed,
                                                             batch_size, verbose)
+                results["samples"]["precision"] = precision
         else:
             results["samples"] = {"source": "given", "num_images": len(samples), "num_requested": num_images}
             if len(samples) < num_images:

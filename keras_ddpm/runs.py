@@ -34,6 +34,7 @@ from keras_ddpm.config import ModelConfig, TrainConfig
 from keras_ddpm.export import clean_stale_exports, load_savedmodel
 from keras_ddpm.generation import Generator, SavedModelGenerator
 from keras_ddpm.model import DiffusionModel
+from keras_ddpm.precision import dtype_policy, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -247,11 +248,12 @@ def trim_log(log_path, last_step: int) -> None:
         log_path.unlink()
 
 
-def load_run(output_dir, step: int | None = None) -> tuple[DiffusionModel, ModelConfig]:
+def load_run(output_dir, step: int | None = None, precision: str = "float32") -> tuple[DiffusionModel, ModelConfig]:
     """Rebuild the model of a run directory and restore its newest checkpoint that loads (or `ckpt-<step>`).
 
     Only the network and EMA network are restored (no optimizer): sampling and evaluation read a run, never
-    change it. The model's `metadata` names the run's dataset.
+    change it. The model's `metadata` names the run's dataset. `precision` is the dtype policy the network
+    computes in (e.g. "mixed_bfloat16"); its weights stay float32 either way.
     """
     output_dir = pathlib.Path(output_dir)
     config_path = output_dir / "config.json"
@@ -259,21 +261,37 @@ def load_run(output_dir, step: int | None = None) -> tuple[DiffusionModel, Model
         raise FileNotFoundError(f"{output_dir} is not a training run directory (no config.json).")
     config = files.read_json(config_path)
     model_config = ModelConfig.from_dict(config["model"])
-    model = model_config.build(metadata={"dataset": config.get("train", {}).get("dataset")})
+    with dtype_policy(precision):
+        model = model_config.build(metadata={"dataset": config.get("train", {}).get("dataset")})
     checkpoint = tf.train.Checkpoint(network=model.network, ema_network=model.ema_network)
     if restore_newest(checkpoint, checkpoint_paths(output_dir / "checkpoints", step)) is None:
         raise FileNotFoundError(f"{output_dir / 'checkpoints'} holds no checkpoint yet.")
     return model, model_config
 
 
-def load_generator(path, step: int | None = None) -> Generator:
+def sampling_precision(path, precision: str = "float32") -> tuple[str, str]:
+    """The dtype policy the model at `path` samples in for `precision`, and why.
+
+    Run directories take any policy (`"auto"` picks per device, see `resolve_precision`). Exported models sample
+    in float32, so that a seed gives the same image everywhere: they take `"float32"` and `"auto"` only.
+    """
+    if (pathlib.Path(path) / "config.json").is_file():
+        return resolve_precision(precision)
+    if precision not in ("auto", "float32"):
+        raise ValueError(f"{path} is an exported model, which samples in float32 (so a seed gives the same image "
+                         f"everywhere); precision {precision!r} needs a run directory.")
+    return "float32", "exported models sample in float32"
+
+
+def load_generator(path, step: int | None = None, precision: str = "float32") -> Generator:
     """A `Generator` from a run directory (its `DiffusionModel`, at `ckpt-<step>` if given) or an export folder
-    (a `SavedModelGenerator`)."""
+    (a `SavedModelGenerator`), sampling under the dtype policy `sampling_precision(path, precision)` picks."""
     path = pathlib.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"No model at {path}: pass a SavedModel folder (e.g. savedmodel) or a run directory.")
+    policy, _ = sampling_precision(path, precision)
     if (path / "config.json").is_file():
-        model, _ = load_run(path, step)
+        model, _ = load_run(path, step, policy)
         return model
     if step is not None:
         raise ValueError(f"{path} is an exported model, which has no checkpoints: a step needs a run directory.")

@@ -19,10 +19,11 @@ import keras
 import tensorflow as tf
 
 from keras_ddpm import callbacks as run_callbacks
-from keras_ddpm.config import PRECISIONS, STRATEGIES, ModelConfig, TrainConfig
+from keras_ddpm.config import STRATEGIES, ModelConfig, TrainConfig
 from keras_ddpm.data import load_images, make_dataset
 from keras_ddpm.errors import TrainingDiverged
 from keras_ddpm.export import export_savedmodel
+from keras_ddpm.precision import resolve_precision
 from keras_ddpm.runs import (DIVERGED_LOSS, check_same_model, optimizer_step, prepare_run_directory,
                              restore_checkpoint, trim_log, worker_directory)
 
@@ -45,42 +46,6 @@ class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
 
     def get_config(self):
         return {"peak": self.peak, "warmup_steps": self.warmup_steps}
-
-
-# CPU flags (as Linux names them in /proc/cpuinfo) of instructions that multiply bfloat16 natively; oneDNN
-# runs bf16 convolutions on them several times faster than fp32 ones. Without them bf16 is emulated, and slow.
-NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
-
-
-def native_bf16_cpu_flags(cpuinfo_path="/proc/cpuinfo") -> list[str]:
-    """The NATIVE_BF16_CPU_FLAGS this CPU reports; empty where /proc/cpuinfo does not exist (not Linux)."""
-    try:
-        text = pathlib.Path(cpuinfo_path).read_text()
-    except OSError:
-        return []
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.partition(":")[2].split())
-    return [flag for flag in NATIVE_BF16_CPU_FLAGS if flag in flags]
-
-
-def resolve_precision(precision: str, cpuinfo_path="/proc/cpuinfo") -> tuple[str, str]:
-    """The dtype policy for `precision`, and why: `auto` picks per device.
-
-    `auto` means mixed_float16 on a GPU, mixed_bfloat16 on a CPU with native bf16 instructions (AMX-BF16 or
-    AVX512_BF16) and float32 on other CPUs, where float16 and bfloat16 are emulated and slower than float32.
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"Unknown precision {precision!r}; choose one of {PRECISIONS}.")
-    if precision != "auto":
-        return precision, "set by --precision"
-    if tf.config.list_physical_devices("GPU"):
-        return "mixed_float16", "auto: a GPU is visible"
-    bf16_flags = native_bf16_cpu_flags(cpuinfo_path)
-    if bf16_flags:
-        return "mixed_bfloat16", f"auto: no GPU, and the CPU has native bf16 ({', '.join(bf16_flags)})"
-    return "float32", "auto: no GPU, and the CPU has no native bf16 (amx_bf16 or avx512_bf16)"
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy:

@@ -124,7 +124,7 @@ def test_evaluate_run_directory(run_results):
     assert 0 < nll["bpd"] < 100 and nll["stderr"] > 0
     assert nll["bpd"] == pytest.approx(nll["prior_bpd"] + nll["diffusion_bpd"] + nll["decoder_bpd"])
     assert results["samples"] == {"source": "generated", "num_images": 16, "sampler": "ddim", "steps": 3,
-                                  "eta": 0.0, "seeds": [0, 15]}
+                                  "eta": 0.0, "seeds": [0, 15], "precision": "float32"}
     json.dumps(results)  # what evaluate.py writes
     table = evaluation.format_table(results)
     assert "NLL bound, bits/dim" in table and "SWD x1e3, mean" in table
