@@ -30,9 +30,10 @@ flags.DEFINE_string("data_dir", None, "CelebA image folder (or its parent; defau
 flags.DEFINE_enum("split", "validation", ["train", "validation", "test"], "Split the real images come from.")
 flags.DEFINE_enum("crop", None, ["celeba64", "center140"], "CelebA crop box; default: the run's, else celeba64.")
 # Samples
-flags.DEFINE_enum("precision", "float32", ["auto", "float32", "mixed_float16", "mixed_bfloat16"],
-                  "Run directories only: the network's dtype policy. auto: mixed_bfloat16 on a CPU with native bf16, "
-                  "mixed_float16 on a GPU (faster, images a little different); SavedModels sample in float32.")
+flags.DEFINE_enum("precision", None, ["auto", "float32", "mixed_float16", "mixed_bfloat16"],
+                  "A run directory's dtype policy for sampling (default float32; auto: mixed_bfloat16 on a CPU with "
+                  "native bf16, mixed_float16 on a GPU: faster, images a little different). A SavedModel samples "
+                  "in the policy it was exported with.")
 flags.DEFINE_integer("num_images", 2000, "Samples and real images for SWD, FID, KID and face.")
 flags.DEFINE_string("samples_npz", None, "Score these images (an .npz from sample.py --save_npz) instead of sampling.")
 flags.DEFINE_enum("sampler", None, ["ddpm", "ddim", "dpm++"], "Sampler; default: the one the model was exported with (ddim for runs).")

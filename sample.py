@@ -16,9 +16,10 @@ FLAGS = flags.FLAGS
 SHIPPED_MODEL = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "savedmodel"))
 flags.DEFINE_string("model", SHIPPED_MODEL, "A SavedModel folder (highest version is used) or a training run directory.")
 flags.DEFINE_integer("checkpoint_step", None, "With a run directory: sample its checkpoint of this step, not the newest.")
-flags.DEFINE_enum("precision", "float32", ["auto", "float32", "mixed_float16", "mixed_bfloat16"],
-                  "Run directories only: the network's dtype policy. auto: mixed_bfloat16 on a CPU with native bf16, "
-                  "mixed_float16 on a GPU (faster, images a little different); SavedModels sample in float32.")
+flags.DEFINE_enum("precision", None, ["auto", "float32", "mixed_float16", "mixed_bfloat16"],
+                  "A run directory's dtype policy for sampling (default float32; auto: mixed_bfloat16 on a CPU with "
+                  "native bf16, mixed_float16 on a GPU: faster, images a little different). A SavedModel samples "
+                  "in the policy it was exported with.")
 flags.DEFINE_integer("num_images", 64, "How many images.")
 flags.DEFINE_enum("sampler", None, ["ddpm", "ddim", "dpm++"], "Sampler; default: the one the model was exported with.")
 flags.DEFINE_integer("steps", None, "Network evaluations; default 1000 (ddpm), 50 (ddim), 20 (dpm++).")
@@ -66,8 +67,7 @@ def main(argv):
         generator = load_generator(FLAGS.model, FLAGS.checkpoint_step, FLAGS.precision)
         precision, reason = sampling_precision(FLAGS.model, FLAGS.precision)
         print(f"Model {FLAGS.model}:\n{describe(generator)}")
-        if precision != "float32":
-            print(f"  precision: {precision} ({reason})")
+        print(f"  precision: {precision} ({reason})")
         options = dict(sampler=FLAGS.sampler, steps=FLAGS.steps, eta=FLAGS.eta,
                        spacing=FLAGS.spacing, guidance=FLAGS.guidance, labels=FLAGS.label)
         if generator.num_classes and FLAGS.label is None:

@@ -189,7 +189,7 @@ def evaluate(
     model=None,
     *,
     checkpoint_step: int | None = None,
-    precision: str = "float32",
+    precision: str | None = None,
     samples: np.ndarray | None = None,
     dataset: str | None = None,
     data_dir: str | None = None,
@@ -216,8 +216,8 @@ def evaluate(
         model: a run directory or SavedModel folder (path), an object from `load_generator`, a
             `DiffusionModel`, or None when `samples` are given and NLL is not asked for.
         checkpoint_step: for a run directory, use its checkpoint of this step instead of the newest.
-        precision: the dtype policy a run directory's network samples and scores in, or "auto" (see
-            `keras_ddpm.runs.sampling_precision`); SavedModels sample in float32.
+        precision: the dtype policy a run directory's network samples and scores in (default float32), or
+            "auto"; a SavedModel samples in its own (see `keras_ddpm.runs.sampling_precision`).
         samples: uint8 [N, H, W, C] images made earlier (e.g. `load_samples_npz`); the first `num_images`
             are used. Default: draw `num_images` samples from the model.
         dataset, data_dir, crop: the real images; default: what the model was trained on (run config or
@@ -254,8 +254,8 @@ def evaluate(
         raise ValueError("Pass a model (a run directory or SavedModel folder): NLL and drawing samples need one.")
     if checkpoint_step is not None and model_path is None:
         raise ValueError("checkpoint_step needs the model as a run directory path.")
-    if precision not in ("auto", "float32") and model_path is None:
-        raise ValueError(f"precision {precision!r} needs the model as a run directory path.")
+    if precision is not None and model_path is None:
+        raise ValueError(f"precision {precision!r} needs the model as a path.")
     if model_path is not None:  # a path: read its defaults, load it only when it must draw or score
         defaults = model_defaults(model_path)
         precision = sampling_precision(model_path, precision)[0]

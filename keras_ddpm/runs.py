@@ -31,7 +31,7 @@ import tensorflow as tf
 
 from keras_ddpm import files
 from keras_ddpm.config import ModelConfig, TrainConfig
-from keras_ddpm.export import clean_stale_exports, load_savedmodel
+from keras_ddpm.export import clean_stale_exports, find_version_dir, load_savedmodel, read_metadata
 from keras_ddpm.generation import Generator, SavedModelGenerator
 from keras_ddpm.model import DiffusionModel
 from keras_ddpm.precision import dtype_policy, resolve_precision
@@ -269,30 +269,34 @@ def load_run(output_dir, step: int | None = None, precision: str = "float32") ->
     return model, model_config
 
 
-def sampling_precision(path, precision: str = "float32") -> tuple[str, str]:
-    """The dtype policy the model at `path` samples in for `precision`, and why.
+def sampling_precision(path, precision: str | None = None) -> tuple[str, str]:
+    """The dtype policy the model at `path` samples in when asked for `precision`, and why.
 
-    Run directories take any policy (`"auto"` picks per device, see `resolve_precision`). Exported models sample
-    in float32, so that a seed gives the same image everywhere: they take `"float32"` and `"auto"` only.
+    A run directory computes in float32 unless asked otherwise (`"auto"` picks per device, see
+    `resolve_precision`). An exported model computes in the policy it was exported with (its metadata's
+    `dtype_policy`), the one its seeds' images are defined by; it accepts only that policy, or `"auto"`.
     """
-    if (pathlib.Path(path) / "config.json").is_file():
-        return resolve_precision(precision)
-    if precision not in ("auto", "float32"):
-        raise ValueError(f"{path} is an exported model, which samples in float32 (so a seed gives the same image "
-                         f"everywhere); precision {precision!r} needs a run directory.")
-    return "float32", "exported models sample in float32"
+    path = pathlib.Path(path)
+    if (path / "config.json").is_file():
+        return resolve_precision(precision) if precision else ("float32", "the default for run directories")
+    exported = read_metadata(find_version_dir(path)).get("dtype_policy", "float32")
+    if precision not in (None, "auto", exported):
+        raise ValueError(f"{path} is an exported model, which samples in {exported} as it was exported (so a seed "
+                         f"gives the same image everywhere); precision {precision!r} needs a run directory.")
+    return exported, "as exported"
 
 
-def load_generator(path, step: int | None = None, precision: str = "float32") -> Generator:
+def load_generator(path, step: int | None = None, precision: str | None = None) -> Generator:
     """A `Generator` from a run directory (its `DiffusionModel`, at `ckpt-<step>` if given) or an export folder
     (a `SavedModelGenerator`), sampling under the dtype policy `sampling_precision(path, precision)` picks."""
     path = pathlib.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"No model at {path}: pass a SavedModel folder (e.g. savedmodel) or a run directory.")
-    policy, _ = sampling_precision(path, precision)
     if (path / "config.json").is_file():
+        policy, _ = sampling_precision(path, precision)
         model, _ = load_run(path, step, policy)
         return model
     if step is not None:
         raise ValueError(f"{path} is an exported model, which has no checkpoints: a step needs a run directory.")
+    sampling_precision(path, precision)  # an export takes no other precision than its own
     return SavedModelGenerator(*load_savedmodel(path))

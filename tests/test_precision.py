@@ -72,9 +72,10 @@ TINY = ModelConfig(image_size=8, width=8, channel_multipliers=(1,), num_res_bloc
                    bottleneck_attention=False, norm_groups=4, num_timesteps=50, dropout=0.0, num_classes=0)
 
 
-def test_an_export_samples_in_float32_only():
-    assert sampling_precision(REPO / "savedmodel", "auto") == ("float32", "exported models sample in float32")
-    with pytest.raises(ValueError, match="samples in float32.*needs a run directory"):
+def test_an_export_samples_in_its_own_precision_only():
+    assert sampling_precision(REPO / "savedmodel") == ("float32", "as exported")  # the shipped model's
+    assert sampling_precision(REPO / "savedmodel", "auto") == ("float32", "as exported")
+    with pytest.raises(ValueError, match="samples in float32 as it was exported.*needs a run directory"):
         load_generator(REPO / "savedmodel", precision="mixed_bfloat16")
 
 
@@ -96,6 +97,7 @@ def test_a_run_directory_samples_in_bf16_when_asked(tmp_path):
     manager, _ = restore_checkpoint(tmp_path, model)
     manager.save(checkpoint_number=1)
 
+    assert sampling_precision(tmp_path) == ("float32", "the default for run directories")
     float32 = load_generator(tmp_path).generate(8, steps=4).astype(int)
     bf16_model = load_generator(tmp_path, precision="mixed_bfloat16")
     assert keras.config.dtype_policy().name == "float32"  # building under bf16 left the global policy alone
