@@ -1,8 +1,8 @@
 """Precision: which dtype policy a run or a sampler uses, chosen per device.
 
 Training's `--precision=auto` (and sampling's, for run directories) means mixed_float16 on a GPU, mixed_bfloat16
-on a CPU with native bf16 instructions and float32 elsewhere. Exported SavedModels always sample in float32, so
-their seeds give bit-exact images everywhere.
+on a CPU with native bf16 instructions and float32 elsewhere. An exported SavedModel samples in the policy it was
+exported with (`keras_ddpm.runs.sampling_precision`).
 """
 
 import contextlib
