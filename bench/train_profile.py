@@ -1,6 +1,6 @@
 """Where a training step of the CPU recipe spends its time: TensorFlow op time grouped by op type.
 
-    python bench/train_profile.py [--steps 5] [--xla]
+    python bench/train_profile.py [--steps 5] [--xla] [--precision auto]
 
 Traces `--steps` steady-state optimizer steps of `flags/celeba32_cpu.flags`'s model with the TensorFlow
 profiler, reads the host trace (the XPlane protobuf that TensorBoard's profile plugin reads too) and sums
@@ -23,6 +23,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from tensorflow.tsl.profiler.protobuf import xplane_pb2  # noqa: E402
 
+from keras_ddpm.precision import resolve_precision  # noqa: E402
 from keras_ddpm.training import make_optimizer  # noqa: E402
 
 # Trace events that wrap other events (a whole function or executor run), not ops of their own.
@@ -53,9 +54,13 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--xla", action="store_true", help="compile the step (its ops then show as XLA clusters)")
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--precision", default=None, help="dtype policy or auto (default: the recipe's, as train.py)")
     args = parser.parse_args()
 
     model_config, train_config = common.recipe_configs("cpu")
+    precision, reason = resolve_precision(args.precision or train_config.precision)
+    keras.mixed_precision.set_dtype_policy(precision)
+    print(f"precision {precision}  # {reason}")
     keras.utils.set_random_seed(0)
     model = model_config.build()
     model.compile(optimizer=make_optimizer(train_config), jit_compile=args.xla)
