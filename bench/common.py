@@ -4,6 +4,7 @@ The recipes' flagfiles are read through train.py's own flag definitions (`keras_
 builds exactly the model that `python train.py --flagfile=...` trains.
 """
 
+import os
 import pathlib
 import resource
 import statistics
@@ -37,6 +38,25 @@ def median_seconds(function, repeats: int) -> float:
         function()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def cpu_seconds() -> float:
+    """CPU time this process has used so far (user + system, all threads)."""
+    times = os.times()
+    return times.user + times.system
+
+
+def steal_seconds() -> float:
+    """CPU time the hypervisor has given to others while this VM's CPUs wanted to run, summed over CPUs, since boot.
+
+    The `steal` column of /proc/stat's `cpu` line (in USER_HZ ticks); 0 where the kernel does not report it.
+    Steal over wall time is the number of cores the machine lost to its host in that window.
+    """
+    try:
+        fields = pathlib.Path("/proc/stat").read_text().splitlines()[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def peak_rss_mb() -> float:

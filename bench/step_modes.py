@@ -4,22 +4,18 @@
 
 On the 2-core AMD EPYC of December 2026 the same step switched, within one process, between ~0.7 s using 1.8
 cores and a fixed ~1.28 s using 1.0 core; this script shows whether a machine does that. Prints per repeat
-`repeat<i>_ms_per_step` and `repeat<i>_cores_used` (process CPU time over wall time), after
+`repeat<i>_ms_per_step`, `repeat<i>_cores_used` (process CPU time over wall time) and `repeat<i>_steal_cores` (the
+cores the hypervisor took from this VM meanwhile, from /proc/stat), after
 `two_core_spin_cores_used`: two plain Python busy loops in two processes, as a check that the machine gives us two
 cores at all.
 """
 
 import argparse
 import multiprocessing
-import os
 import time
 
-import common  # noqa: F401  (puts the repository on sys.path)
-
-
-def cpu_seconds() -> float:
-    times = os.times()
-    return times.user + times.system
+import common  # (also puts the repository on sys.path)
+from common import cpu_seconds, steal_seconds
 
 
 def spin(seconds: float, result) -> None:
@@ -62,11 +58,12 @@ def main():
     batches = tf.data.Dataset.from_tensors(images).repeat()
     model.fit(batches, epochs=1, steps_per_epoch=2, verbose=0)  # tracing and warm-up
     for repeat in range(args.repeats):
-        start, cpu_start = time.perf_counter(), cpu_seconds()
+        start, cpu_start, steal_start = time.perf_counter(), cpu_seconds(), steal_seconds()
         model.fit(batches, epochs=1, steps_per_epoch=args.steps, verbose=0)
         wall = time.perf_counter() - start
         print(f"repeat{repeat}_ms_per_step {1000 * wall / args.steps:.0f}")
-        print(f"repeat{repeat}_cores_used {(cpu_seconds() - cpu_start) / wall:.2f}", flush=True)
+        print(f"repeat{repeat}_cores_used {(cpu_seconds() - cpu_start) / wall:.2f}")
+        print(f"repeat{repeat}_steal_cores {(steal_seconds() - steal_start) / wall:.2f}", flush=True)
 
 
 if __name__ == "__main__":

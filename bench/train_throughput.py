@@ -13,6 +13,7 @@ input pipeline plays no part; see bench/data_throughput.py for that) and prints 
     <model>_<precision>_<xla|noxla>_first_step_seconds   the first step: tracing (and XLA compilation)
     <model>_<precision>_<xla|noxla>_ms_per_step          steady-state time of one optimizer step through fit()
     <model>_<precision>_<xla|noxla>_cores_used           process CPU time over wall time in those steps
+    <model>_<precision>_<xla|noxla>_steal_cores          cores the hypervisor took from this VM in those steps
     <model>_<precision>_<xla|noxla>_img_per_s
     <model>_<precision>_<xla|noxla>_gflops               train_flops_per_image x img_per_s
     matmul_peak_gflops                      best rate of a warm N x N fp32 `tf.matmul` in this process, timed
@@ -122,15 +123,11 @@ def matmul_peak_gflops(size: int, repeats: int) -> float:
     return 2 * size**3 / min(seconds) / 1e9
 
 
-def process_cpu_seconds() -> float:
-    times = os.times()
-    return times.user + times.system
-
-
 def time_training(model_config, train_config, batch_size, precision, xla, warmup_steps, steps, steps_per_execution):
-    """(first step seconds, steady seconds per step, cores used while steady) of `fit()` for one configuration.
+    """(first step seconds, steady seconds per step, cores used, cores stolen) of `fit()` for one configuration.
 
-    Cores used (process CPU time over wall time) tells a step slowed by the machine from one that leaves a core idle.
+    Cores used (process CPU time over wall time) tells a step slowed by the machine from one that leaves a core idle;
+    cores stolen (/proc/stat's steal time over wall time) tells whether the host took them.
     """
     keras.backend.clear_session()
     gc.collect()  # free the previous configuration's model before building the next
@@ -145,16 +142,16 @@ def time_training(model_config, train_config, batch_size, precision, xla, warmup
         batches = tf.data.Dataset.from_tensors(images).repeat()
 
         def run(num_steps):
-            start, cpu_start = time.perf_counter(), process_cpu_seconds()
+            start, cpu_start, steal_start = time.perf_counter(), common.cpu_seconds(), common.steal_seconds()
             model.fit(batches, epochs=1, steps_per_epoch=num_steps, shuffle=False, verbose=0)
             wall = time.perf_counter() - start
-            return wall, (process_cpu_seconds() - cpu_start) / wall
+            return wall, (common.cpu_seconds() - cpu_start) / wall, (common.steal_seconds() - steal_start) / wall
 
-        first_step_seconds, _ = run(steps_per_execution)  # traces (and compiles) the train step
+        first_step_seconds, _, _ = run(steps_per_execution)  # traces (and compiles) the train step
         if warmup_steps:
             run(warmup_steps)
-        seconds, cores_used = run(steps)
-        return first_step_seconds, seconds / steps, cores_used
+        seconds, cores_used, steal_cores = run(steps)
+        return first_step_seconds, seconds / steps, cores_used, steal_cores
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
 
@@ -222,7 +219,7 @@ def main():
         for precision in args.precisions:
             for xla in xla_settings:
                 key = f"{name}_{precision}_{'xla' if xla else 'noxla'}"
-                first_step_seconds, seconds_per_step, cores_used = time_training(
+                first_step_seconds, seconds_per_step, cores_used, steal_cores = time_training(
                     model_config, train_config, batch_size, precision, xla,
                     args.warmup_steps, args.steps, args.steps_per_execution,
                 )
@@ -230,6 +227,7 @@ def main():
                 print(f"{key}_first_step_seconds {first_step_seconds:.1f}")
                 print(f"{key}_ms_per_step {1000 * seconds_per_step:.1f}")
                 print(f"{key}_cores_used {cores_used:.2f}")
+                print(f"{key}_steal_cores {steal_cores:.2f}")
                 print(f"{key}_img_per_s {batch_size / seconds_per_step:.2f}", flush=True)
         # FLOPs are counted after the timings, so that nothing the TF profiler leaves in the process can touch them.
         keras.backend.clear_session()
