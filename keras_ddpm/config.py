@@ -136,6 +136,9 @@ class TrainConfig:
     # Optimisation
     learning_rate: float = setting(2e-4, "Peak Adam learning rate.")
     warmup_steps: int = setting(5000, "Linear learning-rate warm-up steps.")
+    cooldown_steps: int = setting(
+        0, "Final steps of --train_steps over which the learning rate falls linearly to 0 (0: constant to the end). "
+        "To finish a long run, copy its directory and resume the copy with a nearer --train_steps and this.")
     weight_decay: float = setting(0.0, "Decoupled weight decay.")
     clipnorm: float | None = setting(1.0, "Global gradient-norm clip (0 = off).")
     batch_size: int = setting(128, "Global batch size (split across replicas).")
@@ -177,3 +180,6 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.validation_images < 0 or self.swd_every_epochs < 0:
             raise ValueError("validation_images and swd_every_epochs must be >= 0 (0 = off).")
+        if not 0 <= self.cooldown_steps <= self.train_steps:
+            raise ValueError(f"cooldown_steps must lie in [0, train_steps={self.train_steps}], got "
+                             f"{self.cooldown_steps}.")

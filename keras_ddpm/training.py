@@ -33,19 +33,32 @@ PROBE_IMAGES = 16  # images in the batch on which weights must score a sane loss
 
 
 @keras.saving.register_keras_serializable(package="keras_ddpm")
-class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
-    """Learning rate rising linearly from 0 to `peak` over `warmup_steps`, then constant (as in DDPM's code)."""
+class WarmupStableDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """Learning rate: linear warm-up from 0 to `peak`, constant, then an optional linear cool-down to 0.
 
-    def __init__(self, peak: float, warmup_steps: int):
+    With `cooldown_steps=0` this is DDPM's schedule (warm-up, then constant). A cool-down over the last
+    `cooldown_steps` of `total_steps` is the "warmup-stable-decay" schedule (Hägele et al. 2024, "Scaling Laws and
+    Compute-Optimal Training Beyond Fixed Training Durations"): the constant phase does not depend on where the run
+    will end, so a long run can be forked at any checkpoint and the copy cooled down to finish it.
+    `cooldown_steps` lies in [0, total_steps] (`TrainConfig` checks it).
+    """
+
+    def __init__(self, peak: float, warmup_steps: int, cooldown_steps: int = 0, total_steps: int = 0):
         self.peak = peak
         self.warmup_steps = warmup_steps
+        self.cooldown_steps = cooldown_steps
+        self.total_steps = total_steps
 
     def __call__(self, step):
-        progress = (tf.cast(step, tf.float32) + 1.0) / max(self.warmup_steps, 1)
-        return self.peak * tf.minimum(progress, 1.0)
+        step = tf.cast(step, tf.float32)
+        factor = tf.minimum((step + 1.0) / max(self.warmup_steps, 1), 1.0)
+        if self.cooldown_steps:
+            factor = tf.minimum(factor, tf.maximum(self.total_steps - step, 0.0) / self.cooldown_steps)
+        return self.peak * factor
 
     def get_config(self):
-        return {"peak": self.peak, "warmup_steps": self.warmup_steps}
+        return {"peak": self.peak, "warmup_steps": self.warmup_steps, "cooldown_steps": self.cooldown_steps,
+                "total_steps": self.total_steps}
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy:
@@ -123,9 +136,10 @@ class GlobalClipAdam(keras.optimizers.Adam):
 
 
 def make_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
-    """Adam with linear warm-up, optional decoupled weight decay and global-norm gradient clipping."""
+    """Adam with linear warm-up (and cool-down), optional decoupled weight decay and global-norm gradient clipping."""
     return GlobalClipAdam(
-        learning_rate=LinearWarmup(config.learning_rate, config.warmup_steps),
+        learning_rate=WarmupStableDecay(config.learning_rate, config.warmup_steps, config.cooldown_steps,
+                                        config.train_steps),
         weight_decay=config.weight_decay or None,
         global_clipnorm=config.clipnorm or None,
     )

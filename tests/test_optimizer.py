@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from keras_ddpm.config import TrainConfig
-from keras_ddpm.training import GlobalClipAdam, LinearWarmup, make_optimizer
+from keras_ddpm.training import GlobalClipAdam, WarmupStableDecay, make_optimizer
 
 SHAPES = [(3, 3, 4, 8), (8,), (5, 7)]
 
@@ -35,7 +35,7 @@ def values(optimizer) -> dict:
 @pytest.mark.parametrize("clipnorm", [None, 1.0])
 def test_the_fused_update_is_keras_adam(clipnorm):
     # Standard normal gradients over 331 weights have a norm near 18, so a clipnorm of 1 really clips.
-    schedule = dict(learning_rate=LinearWarmup(1e-2, 3), global_clipnorm=clipnorm)
+    schedule = dict(learning_rate=WarmupStableDecay(1e-2, 3), global_clipnorm=clipnorm)
     fused = values(run_steps(GlobalClipAdam(**schedule)))
     keras_adam = values(run_steps(keras.optimizers.Adam(**schedule)))
     assert list(fused) == list(keras_adam)  # the same slots, names and order: checkpoints still load
@@ -53,3 +53,25 @@ def test_the_variables_move():
     for variable in variables:
         np.testing.assert_allclose(variable.numpy(), 1.0 - 1e-2, rtol=1e-6)
     assert int(optimizer.iterations) == 1
+
+
+def test_warmup_stable_decay():
+    schedule = WarmupStableDecay(1.0, warmup_steps=4, cooldown_steps=5, total_steps=20)
+    rates = [float(schedule(step)) for step in range(22)]
+    np.testing.assert_allclose(rates[:4], [0.25, 0.5, 0.75, 1.0])  # warm-up
+    assert rates[4:16] == [1.0] * 12  # stable
+    np.testing.assert_allclose(rates[16:], [0.8, 0.6, 0.4, 0.2, 0.0, 0.0], atol=1e-7)  # cool-down, then 0
+    # Without a cool-down it is DDPM's warm-up-then-constant schedule, wherever the run ends.
+    assert float(WarmupStableDecay(1.0, warmup_steps=4)(10**6)) == 1.0
+
+
+def test_the_learning_rate_follows_the_config():
+    optimizer = make_optimizer(TrainConfig(learning_rate=1e-3, warmup_steps=10, train_steps=100, cooldown_steps=50))
+    optimizer.iterations.assign(75)
+    np.testing.assert_allclose(float(optimizer.learning_rate), 5e-4, rtol=1e-6)
+
+
+@pytest.mark.parametrize("cooldown_steps", [-1, 101])
+def test_a_cooldown_outside_the_run_is_refused(cooldown_steps):
+    with pytest.raises(ValueError, match=r"cooldown_steps must lie in \[0, train_steps=100\]"):
+        TrainConfig(train_steps=100, cooldown_steps=cooldown_steps)
