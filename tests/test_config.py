@@ -4,7 +4,8 @@ tests/data/recipe_configs.json holds every recipe's (ModelConfig, TrainConfig) a
 flags were derived from the dataclasses (hand-written flags, commit d7f0cea; the Fashion-MNIST recipe as that
 code parsed its new version, branch fashion; a recipe written later, as parsed when it was added; a value changed
 on purpose, as changed: celeba32_cpu's precision float32 -> auto, REPORT.md 6.10, and its loss weighting
-none -> min_snr, REPORT.md 6.11, and celeba64_cpu's the same way). A recipe must still give
+none -> min_snr, REPORT.md 6.11, and celeba64_cpu's the same way; celeba32_cpu's train_steps 8000 -> 10500
+with cooldown_steps 2000, REPORT.md 6.13). A recipe must still give
 exactly those values; fields added since must hold what the old code used implicitly.
 """
 
