@@ -68,10 +68,15 @@ UNBOUNDED_STEPS = 10**8
 
 def train_py_command(flagfile, data_dir, run_dir, seed: int, train_steps: int, steps_per_epoch: int,
                      flags: list[str]) -> list[str]:
-    """train.py for one run of a comparison: no export, SWD monitor or sample grids; a checkpoint per epoch."""
+    """train.py for one run of a comparison: no export, SWD monitor or sample grids; a checkpoint per epoch.
+
+    The learning rate stays constant after warm-up (no cool-down), as in every arm so far: a run cut by a
+    wall-clock budget has no known end to cool down towards.
+    """
     return [sys.executable, str(common.REPO / "train.py"), f"--flagfile={flagfile}", f"--data_dir={data_dir}",
             f"--output_dir={run_dir}", f"--train_steps={train_steps}", f"--steps_per_epoch={steps_per_epoch}",
-            f"--seed={seed}", "--export=false", "--swd_every_epochs=0", "--sample_every_epochs=1000000", *flags]
+            f"--seed={seed}", "--cooldown_steps=0", "--export=false", "--swd_every_epochs=0",
+            "--sample_every_epochs=1000000", *flags]
 
 
 def train_command(arm: str, seed: int, run_dir: pathlib.Path, args) -> list[str]:
