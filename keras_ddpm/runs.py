@@ -292,11 +292,10 @@ def load_generator(path, step: int | None = None, precision: str | None = None) 
     path = pathlib.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"No model at {path}: pass a SavedModel folder (e.g. savedmodel) or a run directory.")
+    policy, _ = sampling_precision(path, precision)  # an export refuses any policy but its own
     if (path / "config.json").is_file():
-        policy, _ = sampling_precision(path, precision)
         model, _ = load_run(path, step, policy)
         return model
     if step is not None:
         raise ValueError(f"{path} is an exported model, which has no checkpoints: a step needs a run directory.")
-    sampling_precision(path, precision)  # an export takes no other precision than its own
     return SavedModelGenerator(*load_savedmodel(path))
