@@ -23,7 +23,7 @@ flags.DEFINE_enum("precision", None, ["auto", "float32", "mixed_float16", "mixed
 flags.DEFINE_integer("num_images", 64, "How many images.")
 flags.DEFINE_enum("sampler", None, ["ddpm", "ddim", "dpm++"], "Sampler; default: the one the model was exported with.")
 flags.DEFINE_integer("steps", None, "Network evaluations; default 1000 (ddpm), 50 (ddim), 20 (dpm++).")
-flags.DEFINE_float("eta", None, "DDIM noise in [0, 1]; default: the model's (0 for run directories).")
+flags.DEFINE_float("eta", None, "Noise of DDIM and DPM-Solver++ in [0, 1] (0: deterministic); default: the model's (0 for run directories).")
 flags.DEFINE_enum("spacing", None, ["uniform", "quadratic", "logsnr"], "Timestep spacing; default per sampler.")
 flags.DEFINE_integer("seed", 0, "Image i uses seed + i.")
 flags.DEFINE_integer("label", None, "Class label for conditional models (num_classes = unconditional).")

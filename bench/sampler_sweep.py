@@ -3,7 +3,7 @@
     python bench/sampler_sweep.py --model=savedmodel --data_dir=../shared/data/celeba \
         --runs ddim:10 ddim:20 ddim:50 ddim:100 ddim:50:1 dpm++:10 dpm++:20 ddpm:1000 --plot=docs/swd_vs_steps.png
 
-A run is `sampler:steps` or `sampler:steps:eta` (DDIM's noise; default 0).
+A run is `sampler:steps` or `sampler:steps:eta` (the noise of DDIM and DPM-Solver++; default 0).
 
 Each run draws `--num_images` samples from the seeds 0, 1, ... (the same starting noise for every run) and
 compares them with as many held-out real faces (the `validation` split). The floor is the SWD of as many

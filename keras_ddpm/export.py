@@ -6,7 +6,7 @@ folder) from the EMA network. Its signatures (`label` and `guidance` exist only 
 - `serving_default`: `seed` int64 [B] (+ `label` int32 [B]) -> `images` uint8 [B, H, W, C], one image per
   seed, drawn with the sampler and step count chosen at export (eta = 0, guidance = 1).
 - `generate`: the same plus `steps` int32 [], `eta` float32 [] (+ `guidance` float32 []), so a client trades
-  speed for quality. `eta` only matters for DDIM.
+  speed for quality. `eta` (0: the ODE, 1: DDPM's noise) matters for DDIM and DPM-Solver++.
 - `denoise`: `x_t` float32 [B, H, W, C], `t` int32 [B] (+ `label`) -> `prediction` (the network's raw output,
   epsilon or v as the metadata's `objective` says), and the `denoised` (x0) and `noise` estimates derived from
   it, float32 [B, H, W, C], for clients that run their own sampler.
@@ -81,7 +81,8 @@ def export_savedmodel(
         version: the version folder's number, an integer >= 0; an existing version is replaced.
         sampler: `"ddim"`, `"ddpm"` or `"dpm++"`, used by `serving_default` and `generate`.
         steps: network evaluations per image in `serving_default`, in [1, T].
-        eta: DDIM noise in [0, 1] for `serving_default` (0: deterministic; 1: as much noise as DDPM).
+        eta: DDIM's or DPM-Solver++'s noise in [0, 1] for `serving_default` (0: deterministic; 1: as much
+            noise as DDPM).
         metadata: extra JSON-serialisable entries, e.g. `{"dataset": "celeba", "training_steps": 80000}`.
             `dataset` and `training_steps` have defaults (None and the optimizer's step count); the
             entries describing the model itself cannot be overridden.
@@ -354,7 +355,7 @@ class _RequestChecks:
     def sampling_options(self, steps, eta, guidance):
         steps, eta, guidance = (tf.ensure_shape(option, []) for option in (steps, eta, guidance))
         steps_message = f"steps must be in [1, {self.num_timesteps}] (the schedule's T)"
-        eta_message = "eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM's noise level)"
+        eta_message = "eta must be in [0, 1] (0: deterministic, 1: DDPM's noise level)"
         return steps, eta, guidance, [
             tf.debugging.assert_greater_equal(steps, 1, message=steps_message),
             tf.debugging.assert_less_equal(steps, self.num_timesteps, message=steps_message),

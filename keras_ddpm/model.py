@@ -322,7 +322,7 @@ class DiffusionModel(keras.Model):
             steps: network evaluations; default T for `"ddpm"`, 50 for `"ddim"`, 20 for `"dpm++"`.
             sampler: `"ddpm"`, `"ddim"` or `"dpm++"` (see `keras_ddpm.samplers`); default `metadata["sampler"]`
                 (`"ddim"`).
-            eta: DDIM's noise level in [0, 1]; default `metadata["eta"]` (0).
+            eta: the noise of DDIM and DPM-Solver++ in [0, 1] (0: the ODE); default `metadata["eta"]` (0).
             spacing: timestep spacing: `"uniform"`, `"quadratic"` or `"logsnr"`; default `"logsnr"` for
                 `"dpm++"` and `"uniform"` otherwise.
             labels: for conditional models, one int or one per image; `num_classes` (the null label)

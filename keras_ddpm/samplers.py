@@ -9,7 +9,8 @@ The update from t to the next timestep is one of:
 - `"ddim"`: the generalised update of Song et al. 2021 (Eq. 12); `eta = 0` is deterministic, `eta = 1` matches
   DDPM's posterior variance;
 - `"dpm++"`: DPM-Solver++(2M), the second-order multistep solver of the diffusion ODE in data-prediction form
-  (Lu et al. 2022, Algorithm 2), for 10-25 steps.
+  (Lu et al. 2022, Algorithm 2), for 10-25 steps; with `eta = 1` its SDE form, SDE-DPM-Solver++(2M) (same paper,
+  Section 5), whose fresh noise at every step corrects errors of earlier steps instead of carrying them along.
 
 The last step of all three is the same: from t_{S-1} the sample is the denoiser's x0 estimate. So S steps cost
 S network calls. The loop is a `tf.while_loop`; randomness is stateless and per image (image b uses the seed
@@ -27,7 +28,7 @@ name per quantity:
     h                   half_log_snr(t_prev) - half_log_snr(t)  -                   -                 h_i
     pred_images         the denoiser's estimate of x_0          x_0 (from eps)      f_theta(x_t)      x_theta(x_t,t)
     pred_noises         the denoiser's estimate of the noise    eps_theta           eps_theta         eps_theta
-    step_noise_std      std of the noise one step adds          sigma_t             sigma_t(eta)      - (an ODE)
+    step_noise_std      std of the noise one step adds          sigma_t             sigma_t(eta)      (0 for the ODE)
     posterior_variance  step_noise_std^2 of the DDPM step       sigma_t^2           -                 -
     noise               a step's standard normal draw           z                   epsilon_t         -
     t, t_prev           this timestep and the next, smaller     t, t-1              tau_i, tau_i-1    t_i-1, t_i
@@ -165,14 +166,18 @@ def ddim_step(schedule, pred_images, pred_noises, t, t_prev, noise, eta):
     return tf.sqrt(alpha_bar_prev) * pred_images + direction_rate * pred_noises + step_noise_std * noise
 
 
-def dpmpp_2m_step(schedule, x_t, pred_images, previous_pred_images, t, t_prev, t_before, is_first_step):
-    """One step of DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2).
+def dpmpp_2m_step(schedule, x_t, pred_images, previous_pred_images, t, t_prev, t_before, is_first_step, noise, eta):
+    """One step of DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++"): the ODE solver (Algorithm 2) at eta = 0,
+    SDE-DPM-Solver++(2M) (Section 5, the "midpoint" form of diffusers' `sde-dpmsolver++`) at eta = 1.
 
     With half_log_snr = log(signal_rate / noise_rate) (the paper's lambda = log(alpha / sigma)) and
     h = half_log_snr(t_prev) - half_log_snr(t):
-        x_prev = (noise_rate_prev / noise_rate) x_t - signal_rate_prev (exp(-h) - 1) D,
+        x_prev = (noise_rate_prev / noise_rate) exp(-eta h) x_t + signal_rate_prev (1 - exp(-(1 + eta) h)) D
+                 + noise_rate_prev sqrt(1 - exp(-2 eta h)) noise,
         D = x0_hat + (x0_hat - x0_hat_before) / (2 r),  r = h_before / h,
-    where `t_before` is the timestep visited before t. The first step uses D = x0_hat (first order, = DDIM).
+    where `t_before` is the timestep visited before t. The first step uses D = x0_hat (first order), which is DDIM's
+    update with the same eta at eta = 0 and at eta = 1 (DDPM's posterior). Between 0 and 1, eta scales h in the noise
+    terms as k-diffusion's `sample_dpmpp_2m_sde` does; the marginals stay right for every eta.
     """
     half_log_snr = lambda step: 0.5 * tf.math.log(schedule.snr(step))  # noqa: E731
     h = half_log_snr(t_prev) - half_log_snr(t)
@@ -181,7 +186,10 @@ def dpmpp_2m_step(schedule, x_t, pred_images, previous_pred_images, t, t_prev, t
     data_estimate = pred_images + correction_weight * (pred_images - previous_pred_images)
     signal_rate, noise_rate = schedule.rates(t, ndim=0)
     signal_rate_prev, noise_rate_prev = schedule.rates(t_prev, ndim=0)
-    return (noise_rate_prev / noise_rate) * x_t - signal_rate_prev * tf.math.expm1(-h) * data_estimate
+    x_t_rate = noise_rate_prev / noise_rate * tf.exp(-eta * h)
+    data_rate = -signal_rate_prev * tf.math.expm1(-(1.0 + eta) * h)
+    step_noise_std = noise_rate_prev * tf.sqrt(-tf.math.expm1(-2.0 * eta * h))
+    return x_t_rate * x_t + data_rate * data_estimate + step_noise_std * noise
 
 
 def sample(
@@ -208,7 +216,8 @@ def sample(
         image_shape: (H, W, C).
         num_steps: number of network evaluations S (a Python int or a scalar tensor), 1 <= S <= T.
         sampler: `"ddpm"`, `"ddim"` or `"dpm++"`.
-        eta: DDIM's stochasticity in [0, 1] (ignored by the other samplers).
+        eta: the stochasticity of DDIM and DPM-Solver++ in [0, 1]: 0 solves the ODE, 1 adds DDPM's noise
+            (ignored by DDPM).
         spacing: how the S timesteps are spread over [0, T) (see `sampling_timesteps`); default
             `DEFAULT_SPACING[sampler]`.
         ddpm_variance: the DDPM step's `posterior_variance` (DDPM's sigma_t^2), `"beta_tilde"` or `"beta"`.
@@ -226,9 +235,9 @@ def sample(
 
     def step_noise(i):
         noise = lambda: per_image_noise(seeds, i + 1, image_shape)  # noqa: E731
-        if sampler == "ddim":  # deterministic DDIM draws nothing
-            return tf.cond(eta > 0, noise, lambda: tf.zeros([batch_size, *image_shape]))
-        return noise() if sampler == "ddpm" else None
+        if sampler == "ddpm":
+            return noise()
+        return tf.cond(eta > 0, noise, lambda: tf.zeros([batch_size, *image_shape]))  # the ODE draws nothing
 
     def body(i, x_t, previous_pred_images, trajectory):
         t = timesteps[i]
@@ -242,7 +251,8 @@ def sample(
             if sampler == "ddim":
                 return ddim_step(schedule, pred_images, pred_noises, t, t_prev, step_noise(i), eta)
             t_before = timesteps[tf.maximum(i - 1, 0)]
-            return dpmpp_2m_step(schedule, x_t, pred_images, previous_pred_images, t, t_prev, t_before, i == 0)
+            return dpmpp_2m_step(schedule, x_t, pred_images, previous_pred_images, t, t_prev, t_before, i == 0,
+                                 step_noise(i), eta)
 
         # The last evaluation's prediction is the image. Inside the loop, the network appears once in the graph,
         # which halves the tracing, loading and graph optimisation of samplers and exported SavedModels.

@@ -49,41 +49,45 @@ def assert_gaussian(images, mean_tol=0.025, std_rtol=0.04):
     assert abs(images.std() / STD - 1) < std_rtol, f"sample std {images.std():.4f}, data std {STD}"
 
 
-def reference_moments(sampler, timesteps, mu=MU, std=STD):
-    """Exact mean and std of DDIM (eta=0) or DPM-Solver++(2M) output on Gaussian data, in float64.
+def reference_moments(sampler, timesteps, eta=0.0, mu=MU, std=STD):
+    """Exact mean and std of DDIM or DPM-Solver++(2M) output on Gaussian data, in float64, for any eta.
 
-    Both samplers are deterministic and, with the optimal Gaussian denoiser, affine in the initial noise z:
-    every quantity is kept as a pair (a, b) meaning a * z + b, so the output's mean is b and its std |a|.
+    With the optimal Gaussian denoiser every quantity is affine in the independent standard normal draws (the
+    initial noise, then one per step), so it is kept as its vector of coefficients on the draws with the constant
+    last: the output's mean is the constant and its std the norm of the rest.
     Written from the papers' equations, independently of keras_ddpm.samplers.
     """
     T = 1000
     alpha_bars = np.cumprod(1 - np.linspace(1e-4, 0.02, T))
     half_log_snr = lambda t: 0.5 * np.log(alpha_bars[t] / (1 - alpha_bars[t]))  # noqa: E731
+    draws = np.eye(len(timesteps) + 1)  # draws[j]: the j-th normal draw; draws[-1]: the constant 1
 
-    def denoise(x, t):  # x = (a, b); returns the affine forms of x0_hat and eps_hat
+    def denoise(x, t):  # the affine forms of x0_hat and eps_hat
         ab = alpha_bars[t]
-        k = np.sqrt(1 - ab) / (ab * std**2 + 1 - ab)
-        eps = (k * x[0], k * (x[1] - np.sqrt(ab) * mu))
-        x0 = ((x[0] - np.sqrt(1 - ab) * eps[0]) / np.sqrt(ab), (x[1] - np.sqrt(1 - ab) * eps[1]) / np.sqrt(ab))
-        return np.array(x0), np.array(eps)
+        eps = np.sqrt(1 - ab) / (ab * std**2 + 1 - ab) * (x - np.sqrt(ab) * mu * draws[-1])
+        return (x - np.sqrt(1 - ab) * eps) / np.sqrt(ab), eps
 
-    x, previous_x0 = np.array([1.0, 0.0]), None
+    x, previous_x0 = draws[0], None
     for i, t in enumerate(timesteps[:-1]):
-        t_next = timesteps[i + 1]
+        t_next, noise = timesteps[i + 1], draws[i + 1]
+        ab, ab_next = alpha_bars[t], alpha_bars[t_next]
         x0, eps = denoise(x, t)
-        if sampler == "ddim":  # Song et al. 2021, Eq. 12 with sigma = 0
-            x = np.sqrt(alpha_bars[t_next]) * x0 + np.sqrt(1 - alpha_bars[t_next]) * eps
-        else:  # Lu et al. 2022, Algorithm 2
+        if sampler == "ddim":  # Song et al. 2021, Eq. 12 with sigma_t(eta) of Eq. 16
+            noise_std = eta * np.sqrt((1 - ab_next) / (1 - ab) * (1 - ab / ab_next))
+            x = np.sqrt(ab_next) * x0 + np.sqrt(1 - ab_next - noise_std**2) * eps + noise_std * noise
+        else:  # Lu et al. 2022: Algorithm 2 at eta = 0, SDE-DPM-Solver++(2M) at eta = 1
             h = half_log_snr(t_next) - half_log_snr(t)
             if previous_x0 is None:
                 d = x0
             else:
                 r = (half_log_snr(t) - half_log_snr(timesteps[i - 1])) / h
                 d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * previous_x0
-            x = np.sqrt((1 - alpha_bars[t_next]) / (1 - alpha_bars[t])) * x - np.sqrt(alpha_bars[t_next]) * np.expm1(-h) * d
+            x = (np.sqrt((1 - ab_next) / (1 - ab)) * np.exp(-eta * h) * x
+                 + np.sqrt(ab_next) * (1 - np.exp(-(1 + eta) * h)) * d
+                 + np.sqrt(1 - ab_next) * np.sqrt(1 - np.exp(-2 * eta * h)) * noise)
             previous_x0 = x0
     x0, _ = denoise(x, timesteps[-1])
-    return x0[1], abs(x0[0])
+    return x0[-1], np.linalg.norm(x0[:-1])
 
 
 @pytest.mark.parametrize(
@@ -94,6 +98,7 @@ def reference_moments(sampler, timesteps, mu=MU, std=STD):
         ("ddim", 1000, {"eta": 1.0}),
         ("dpm++", 10, {}),
         ("dpm++", 20, {}),
+        ("dpm++", 20, {"eta": 1.0}),
     ],
 )
 def test_samplers_recover_gaussian_data(sampler, steps, kwargs):
@@ -110,6 +115,21 @@ def test_deterministic_samplers_match_float64_reference(sampler, steps, spacing)
     images = run(sampler, steps, spacing=spacing)
     assert images.mean() == pytest.approx(mean, abs=0.02)
     assert images.std() == pytest.approx(std, rel=0.03)
+
+
+@pytest.mark.parametrize("sampler, steps, eta", [("ddim", 20, 1.0), ("dpm++", 10, 1.0), ("dpm++", 20, 0.5)])
+def test_stochastic_samplers_match_float64_reference(sampler, steps, eta):
+    """The noise each step adds enters the reference as its own draw, so the exact std includes it."""
+    timesteps = samplers.sampling_timesteps(NoiseSchedule(), steps, samplers.DEFAULT_SPACING[sampler]).numpy()
+    mean, std = reference_moments(sampler, timesteps, eta)
+    images = run(sampler, steps, eta=eta)
+    assert images.mean() == pytest.approx(mean, abs=0.02)
+    assert images.std() == pytest.approx(std, rel=0.03)
+
+
+def test_sde_dpm_solver_starts_with_the_ddpm_posterior_step():
+    """First order, SDE-DPM-Solver++ with eta = 1 is DDIM with eta = 1: the same image from the same noise."""
+    np.testing.assert_allclose(run("dpm++", 2, eta=1.0, spacing="uniform"), run("ddim", 2, eta=1.0), atol=1e-5)
 
 
 def test_ddim_converges_to_the_data_distribution_as_steps_grow():
