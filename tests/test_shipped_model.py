@@ -39,6 +39,17 @@ def test_sample_py_with_no_model_flag_uses_the_shipped_model_from_any_folder(tmp
     assert (tmp_path / "samples" / "grid.png").stat().st_size > 1000
 
 
+def test_the_shipped_sampler_takes_eta():
+    """The export samples with DPM-Solver++: eta = 1 (its SDE form) must draw other images than the ODE, and the
+    same ones again for the same seeds (an export made before DPM-Solver++ took eta would ignore it)."""
+    generator = load_generator(SHIPPED)
+    assert generator.metadata["sampler"] == "dpm++"
+    ode = generator.generate(seeds=[0, 1], steps=4, eta=0.0)
+    sde = generator.generate(seeds=[0, 1], steps=4, eta=1.0)
+    assert (ode != sde).mean() > 0.5
+    assert (sde == generator.generate(seeds=[0, 1], steps=4, eta=1.0)).all()
+
+
 @pytest.mark.parametrize("damaged_file", ["saved_model.pb", "variables/variables.index"])
 def test_a_damaged_savedmodel_is_one_clear_error(tmp_path, damaged_file):
     copy = tmp_path / "savedmodel"
