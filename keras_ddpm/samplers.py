@@ -177,7 +177,7 @@ def dpmpp_2m_step(schedule, x_t, pred_images, previous_pred_images, t, t_prev, t
         D = x0_hat + (x0_hat - x0_hat_before) / (2 r),  r = h_before / h,
     where `t_before` is the timestep visited before t. The first step uses D = x0_hat (first order), which is DDIM's
     update with the same eta at eta = 0 and at eta = 1 (DDPM's posterior). Between 0 and 1, eta scales h in the noise
-    terms as k-diffusion's `sample_dpmpp_2m_sde` does; the marginals stay right for every eta.
+    terms as k-diffusion's `sample_dpmpp_2m_sde` does.
     """
     half_log_snr = lambda step: 0.5 * tf.math.log(schedule.snr(step))  # noqa: E731
     h = half_log_snr(t_prev) - half_log_snr(t)
