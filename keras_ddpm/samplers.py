@@ -10,7 +10,7 @@ The update from t to the next timestep is one of:
   DDPM's posterior variance;
 - `"dpm++"`: DPM-Solver++(2M), the second-order multistep solver of the diffusion ODE in data-prediction form
   (Lu et al. 2022, Algorithm 2), for 10-25 steps; with `eta = 1` its SDE form, SDE-DPM-Solver++(2M) (same paper,
-  Section 5), whose fresh noise at every step corrects errors of earlier steps instead of carrying them along.
+  Section 5), whose fresh noise at every step can wash out errors of earlier steps that an ODE carries along.
 
 The last step of all three is the same: from t_{S-1} the sample is the denoiser's x0 estimate. So S steps cost
 S network calls. The loop is a `tf.while_loop`; randomness is stateless and per image (image b uses the seed
