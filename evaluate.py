@@ -37,7 +37,7 @@ flags.DEFINE_enum("precision", None, ["auto", "float32", "mixed_float16", "mixed
 flags.DEFINE_integer("num_images", 2000, "Samples and real images for SWD, FID, KID and face.")
 flags.DEFINE_string("samples_npz", None, "Score these images (an .npz from sample.py --save_npz) instead of sampling.")
 flags.DEFINE_enum("sampler", None, ["ddpm", "ddim", "dpm++"], "Sampler; default: the one the model was exported with (ddim for runs).")
-flags.DEFINE_integer("steps", None, "Network evaluations per sample; default 1000 (ddpm), 50 (ddim), 20 (dpm++).")
+flags.DEFINE_integer("steps", None, "Network evaluations per sample; default: the export's for its own sampler, else 1000 (ddpm), 50 (ddim), 20 (dpm++).")
 flags.DEFINE_float("eta", None, "Noise of DDIM and DPM-Solver++ in [0, 1] (0: deterministic); default: the model's (0 for run directories).")
 flags.DEFINE_integer("seed", 0, "Sample i uses seed + i; also seeds SWD and the NLL's draws.")
 flags.DEFINE_integer("batch_size", 64, "Images per sampling, Inception and NLL batch.")

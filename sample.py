@@ -22,7 +22,7 @@ flags.DEFINE_enum("precision", None, ["auto", "float32", "mixed_float16", "mixed
                   "in the policy it was exported with.")
 flags.DEFINE_integer("num_images", 64, "How many images.")
 flags.DEFINE_enum("sampler", None, ["ddpm", "ddim", "dpm++"], "Sampler; default: the one the model was exported with.")
-flags.DEFINE_integer("steps", None, "Network evaluations; default 1000 (ddpm), 50 (ddim), 20 (dpm++).")
+flags.DEFINE_integer("steps", None, "Network evaluations; default: the export's for its own sampler, else 1000 (ddpm), 50 (ddim), 20 (dpm++).")
 flags.DEFINE_float("eta", None, "Noise of DDIM and DPM-Solver++ in [0, 1] (0: deterministic); default: the model's (0 for run directories).")
 flags.DEFINE_enum("spacing", None, ["uniform", "quadratic", "logsnr"], "Timestep spacing; default per sampler.")
 flags.DEFINE_integer("seed", 0, "Image i uses seed + i.")

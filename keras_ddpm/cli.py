@@ -12,6 +12,7 @@ import sys
 import typing
 
 from absl import flags
+from absl import logging as absl_logging
 
 from keras_ddpm.config import ModelConfig, TrainConfig
 from keras_ddpm.errors import TrainingDiverged
@@ -48,6 +49,9 @@ def report_errors(program: str, show_traceback: bool = False):
 def quiet_logs():
     """Keep TensorFlow's INFO chatter (checkpoint sharding, XLA) out of the scripts' output; ours stays."""
     logging.getLogger("tensorflow").setLevel(logging.WARNING)  # the logger tf.get_logger() returns
+    # Parts of TensorFlow's saving code log through absl, and restore absl's verbosity (not a logger's level)
+    # after silencing it, so set the verbosity. Our logger keeps INFO.
+    absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("keras_ddpm").setLevel(logging.INFO)
 
 

@@ -116,12 +116,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "ModelConfig":
         """The config of a `to_dict()`; keys added to the class since (e.g. `min_snr_gamma`) take their defaults."""
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"Unknown model config keys {sorted(unknown)}; known keys: {sorted(known)}.")
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-        return cls(**values)
+        return config_from_dict(cls, values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +167,11 @@ class TrainConfig:
         64, "Most seeds (or denoise images) one request to the export may hold; more fail with INVALID_ARGUMENT.")
     verbose: int | str = setting("auto", "Keras' fit() verbosity.", flag="")
 
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """The config of `dataclasses.asdict()` (a run's config.json); keys added since take their defaults."""
+        return config_from_dict(cls, values)
+
     def __post_init__(self):
         counts = ("batch_size", "train_steps", "steps_per_epoch", "keep_checkpoints", "sample_every_epochs",
                   "num_samples", "sample_steps", "swd_images", "export_steps", "export_max_batch")
@@ -183,3 +183,12 @@ class TrainConfig:
         if not 0 <= self.cooldown_steps <= self.train_steps:
             raise ValueError(f"cooldown_steps must lie in [0, train_steps={self.train_steps}], got "
                              f"{self.cooldown_steps}.")
+
+
+def config_from_dict(config_class, values: dict):
+    """A `config_class` from a dict of its fields (JSON lists back to tuples); missing fields take their defaults."""
+    known = {field.name for field in dataclasses.fields(config_class)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"Unknown {config_class.__name__} keys {sorted(unknown)}; known keys: {sorted(known)}.")
+    return config_class(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})

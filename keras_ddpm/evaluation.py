@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from keras_ddpm import __version__, samplers
+from keras_ddpm import __version__
 from keras_ddpm import metrics as metric_functions
 from keras_ddpm.metrics import face as face_metric
 from keras_ddpm.data import load_images
@@ -332,8 +332,7 @@ def evaluate(
 
 def _draw_samples(generator, num_images, sampler, steps, eta, seed, batch_size, verbose):
     """`num_images` samples from seeds `seed, seed + 1, ...` (classes in turn for a conditional model), and how."""
-    sampler, eta = sampling_defaults(generator, sampler, eta)
-    steps = steps or samplers.default_steps(sampler, generator.schedule.num_timesteps)
+    sampler, steps, eta = sampling_defaults(generator, sampler, steps, eta)
     labels = np.arange(num_images) % generator.num_classes if generator.num_classes else None
     _say(verbose, f"Sampling {num_images} images ({sampler}, {steps} steps)")
     samples = generate_in_batches(generator, num_images, batch_size, seed, verbose, sampler=sampler, steps=steps,

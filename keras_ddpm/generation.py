@@ -37,7 +37,7 @@ class Generator(Protocol):
         num_classes: real classes of a conditional model (label `num_classes` is the null label); 0 if not.
         schedule, objective: the noise schedule and what the network predicts.
         metadata: what the model is and its sampling defaults: at least `sampler`, `eta` and `spacing` (None: per
-            sampler), `image_size`, `channels`, `num_classes`, `schedule`, `objective` and `dataset` (or None).
+            sampler; an export's also `steps`), `image_size`, `channels`, `num_classes`, `schedule`, `objective` and `dataset` (or None).
         max_batch_size: most seeds one `generate` call takes (an export's cap), or None.
     """
 
@@ -77,15 +77,26 @@ class Request:
                 tf.constant(self.guidance, tf.float32))
 
 
-def sampling_defaults(generator: Generator, sampler=None, eta=None) -> tuple[str, float]:
-    """`sampler` and `eta` as asked, else the generator's defaults (its export's; DDIM with eta 0 otherwise)."""
-    return sampler or generator.metadata["sampler"], generator.metadata["eta"] if eta is None else eta
+def sampling_defaults(generator: Generator, sampler=None, steps=None, eta=None) -> tuple[str, int, float]:
+    """`sampler`, `steps` and `eta` as asked, else the generator's defaults.
+
+    The defaults are its export's sampler and eta (DDIM with eta 0 for a model in memory), and the export's steps
+    when the sampler is the export's; otherwise the sampler's own (`samplers.default_steps`).
+    """
+    metadata = generator.metadata
+    sampler = sampler or metadata["sampler"]
+    if steps is None:
+        exported_steps = metadata.get("steps") if sampler == metadata["sampler"] else None
+        steps = exported_steps or samplers.default_steps(sampler, generator.schedule.num_timesteps)
+    return sampler, int(steps), metadata["eta"] if eta is None else eta
 
 
 def check_request(generator: Generator, num_images=None, seed=0, seeds=None, steps=None, sampler=None, eta=None,
                   spacing=None, labels=None, guidance=1.0) -> Request:
     """Validate the arguments of a `generate()` call (see `DiffusionModel.generate` for each) into a `Request`."""
-    sampler, eta = sampling_defaults(generator, sampler, eta)
+    if sampler not in (None, *samplers.SAMPLERS):
+        raise ValueError(f"Unknown sampler {sampler!r}; choose one of {samplers.SAMPLERS}.")
+    sampler, steps, eta = sampling_defaults(generator, sampler, steps, eta)
     num_timesteps, num_classes = generator.schedule.num_timesteps, generator.num_classes
     if seeds is None:
         if num_images is None or num_images < 1:
@@ -97,9 +108,6 @@ def check_request(generator: Generator, num_images=None, seed=0, seeds=None, ste
     if generator.max_batch_size and len(seeds) > generator.max_batch_size:
         raise ValueError(f"This export takes at most {generator.max_batch_size} seeds per call (its max_batch_size), "
                          f"got {len(seeds)}; use generate_in_batches.")
-    if sampler not in samplers.SAMPLERS:
-        raise ValueError(f"Unknown sampler {sampler!r}; choose one of {samplers.SAMPLERS}.")
-    steps = samplers.default_steps(sampler, num_timesteps) if steps is None else int(steps)
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must be in [1, {num_timesteps}], got {steps}.")
     if not 0.0 <= eta <= 1.0:
@@ -193,7 +201,7 @@ class SavedModelGenerator:
                  labels=None, guidance=1.0, return_trajectory=False):
         """uint8 images [N, H, W, C] (and the float trajectory [S, N, H, W, C] when asked); see `DiffusionModel.generate`.
 
-        `sampler` and `eta` default to those the model was exported with.
+        `sampler` and `eta` default to those the model was exported with, and `steps` too for that sampler.
         """
         request = check_request(self, num_images, seed, seeds, steps, sampler, eta, spacing, labels, guidance)
         exported_way = request.sampler == self.metadata["sampler"] and spacing in (None, self.metadata["spacing"])

@@ -9,7 +9,7 @@ Layout of a run directory:
     samples/step_*.png   sample grids from fixed seeds
     best_ema.weights.h5  EMA weights with the lowest SWD so far, and best_ema.json (with --swd_every_epochs)
     tensorboard/         scalars and sample images
-    savedmodel/1/        the exported EMA model (written when training finishes)
+    savedmodel/1/        the exported EMA model (written when training finishes; export.py exports any checkpoint)
     workertemp_*/        a multi-worker run's non-chief copies, deleted when training ends (see worker_directory)
 
 The optimizer's step count is the run's clock (`optimizer_step`): checkpoints are named `ckpt-<step>` and
@@ -31,7 +31,8 @@ import tensorflow as tf
 
 from keras_ddpm import files
 from keras_ddpm.config import ModelConfig, TrainConfig
-from keras_ddpm.export import clean_stale_exports, find_version_dir, load_savedmodel, read_metadata
+from keras_ddpm.export import (clean_stale_exports, export_savedmodel, find_version_dir, load_savedmodel,
+                               read_metadata)
 from keras_ddpm.generation import Generator, SavedModelGenerator
 from keras_ddpm.model import DiffusionModel
 from keras_ddpm.precision import dtype_policy, resolve_precision
@@ -248,25 +249,48 @@ def trim_log(log_path, last_step: int) -> None:
         log_path.unlink()
 
 
+def read_run_config(output_dir) -> tuple[ModelConfig, TrainConfig]:
+    """The model and training configs a run directory was trained with (its config.json)."""
+    config_path = pathlib.Path(output_dir) / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{output_dir} is not a training run directory (no config.json).")
+    config = files.read_json(config_path)
+    return ModelConfig.from_dict(config["model"]), TrainConfig.from_dict(config.get("train", {}))
+
+
 def load_run(output_dir, step: int | None = None, precision: str = "float32") -> tuple[DiffusionModel, ModelConfig]:
     """Rebuild the model of a run directory and restore its newest checkpoint that loads (or `ckpt-<step>`).
 
     Only the network and EMA network are restored (no optimizer): sampling and evaluation read a run, never
-    change it. The model's `metadata` names the run's dataset. `precision` is the dtype policy the network
-    computes in (e.g. "mixed_bfloat16"); its weights stay float32 either way.
+    change it. The model's `metadata` names the run's dataset and the checkpoint's `training_steps`.
+    `precision` is the dtype policy the network computes in (e.g. "mixed_bfloat16"); its weights stay float32
+    either way.
     """
     output_dir = pathlib.Path(output_dir)
-    config_path = output_dir / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{output_dir} is not a training run directory (no config.json).")
-    config = files.read_json(config_path)
-    model_config = ModelConfig.from_dict(config["model"])
+    model_config, train_config = read_run_config(output_dir)
     with dtype_policy(precision):
-        model = model_config.build(metadata={"dataset": config.get("train", {}).get("dataset")})
+        model = model_config.build(metadata={"dataset": train_config.dataset})
     checkpoint = tf.train.Checkpoint(network=model.network, ema_network=model.ema_network)
-    if restore_newest(checkpoint, checkpoint_paths(output_dir / "checkpoints", step)) is None:
+    path = restore_newest(checkpoint, checkpoint_paths(output_dir / "checkpoints", step))
+    if path is None:
         raise FileNotFoundError(f"{output_dir / 'checkpoints'} holds no checkpoint yet.")
+    model.extra_metadata["training_steps"] = int(pathlib.Path(path).name.removeprefix("ckpt-"))
     return model, model_config
+
+
+def export_run(model, export_dir, model_config: ModelConfig, train_config: TrainConfig, training_steps: int,
+               version: int = 1, **sampling) -> pathlib.Path:
+    """Export a run's EMA network to `<export_dir>/<version>/` with the run's metadata.
+
+    The export samples with the run's `export_sampler`, `export_steps`, `export_eta` and `export_max_batch`
+    unless `sampling` gives `sampler`, `steps`, `eta` or `max_batch_size` (None keeps the run's).
+    """
+    settings = dict(sampler=train_config.export_sampler, steps=train_config.export_steps, eta=train_config.export_eta,
+                    max_batch_size=train_config.export_max_batch)
+    settings.update({name: value for name, value in sampling.items() if value is not None})
+    metadata = {"dataset": train_config.dataset, "training_steps": training_steps,
+                "model_config": model_config.to_dict()}
+    return export_savedmodel(model, export_dir, version, metadata=metadata, **settings)
 
 
 def sampling_precision(path, precision: str | None = None) -> tuple[str, str]:

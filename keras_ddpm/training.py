@@ -22,9 +22,8 @@ from keras_ddpm import callbacks as run_callbacks
 from keras_ddpm.config import STRATEGIES, ModelConfig, TrainConfig
 from keras_ddpm.data import load_images, make_dataset
 from keras_ddpm.errors import TrainingDiverged
-from keras_ddpm.export import export_savedmodel
 from keras_ddpm.precision import resolve_precision
-from keras_ddpm.runs import (DIVERGED_LOSS, check_same_model, optimizer_step, prepare_run_directory,
+from keras_ddpm.runs import (DIVERGED_LOSS, check_same_model, export_run, optimizer_step, prepare_run_directory,
                              restore_checkpoint, trim_log, worker_directory)
 
 logger = logging.getLogger(__name__)
@@ -218,7 +217,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, output_dir):
     if guard.diverged_at is not None or checkpoints.refused:
         raise TrainingDiverged(divergence_message(manager, start_step, guard, checkpoints))
     if cfg.export:
-        export_run(model, output_dir, model_config, cfg)
+        export_run(model, output_dir / "savedmodel", model_config, cfg, optimizer_step(model))
     if not strategy.extended.should_checkpoint:  # a worker's temporary folder (see worker_directory)
         shutil.rmtree(output_dir, ignore_errors=True)
     return model
@@ -235,16 +234,3 @@ def divergence_message(manager, start_step: int, guard, checkpoints) -> str:
         message += (f"It diverged right after resuming from step {start_step}: if that checkpoint is to blame, "
                     f"step back with --restore_checkpoint={steps[-2]} (newer checkpoints are then deleted); ")
     return message + "lower --learning_rate, set --clipnorm, or use --precision=float32."
-
-
-def export_run(model, output_dir, model_config: ModelConfig, train_config: TrainConfig):
-    """Export the EMA network to `<output_dir>/savedmodel/1` with the run's metadata."""
-    metadata = {
-        "dataset": train_config.dataset,
-        "training_steps": optimizer_step(model),
-        "model_config": model_config.to_dict(),
-    }
-    return export_savedmodel(model, pathlib.Path(output_dir) / "savedmodel", version=1,
-                             sampler=train_config.export_sampler, steps=train_config.export_steps,
-                             eta=train_config.export_eta, metadata=metadata,
-                             max_batch_size=train_config.export_max_batch)

@@ -128,6 +128,8 @@ def test_exported_eta_is_the_serving_default_and_the_generators(model, tmp_path)
     np.testing.assert_array_equal(served, model.generate(seeds=SEEDS, steps=3, eta=1.0))
     assert not np.array_equal(served, model.generate(seeds=SEEDS, steps=3, eta=0.0))
     np.testing.assert_array_equal(load_generator(folder).generate(seeds=SEEDS, steps=3), served)  # eta from metadata
+    # steps from the metadata too (sample.py with no --steps): DDIM's generic default of 50 drew other images.
+    np.testing.assert_array_equal(load_generator(folder).generate(seeds=SEEDS), served)
 
 
 def test_denoise_is_the_ema_network(loaded, model):

@@ -8,7 +8,7 @@ import ast
 import pathlib
 
 LIBRARY = pathlib.Path(__file__).resolve().parents[1] / "keras_ddpm"
-SCRIPTS = ("train", "sample", "evaluate", "bench")
+SCRIPTS = ("train", "sample", "evaluate", "export", "bench")
 
 
 def module_name(path: pathlib.Path) -> str:

@@ -69,6 +69,28 @@ def test_sample_py_on_the_smoke_run(smoke_run, tmp_path):
     assert np.abs(from_run.astype(int) - from_export.astype(int)).max() <= 1
 
 
+def test_export_py_exports_the_checkpoint_asked_for(smoke_run, tmp_path):
+    """`python export.py`: any checkpoint of a run, with the run's export settings unless a flag overrides one."""
+    from keras_ddpm.export import read_metadata
+    from keras_ddpm.runs import load_generator, load_run
+
+    result = run_script("export.py", f"--model={smoke_run}", "--checkpoint_step=20", f"--export_dir={tmp_path}",
+                        "--steps=4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Sharding callback" not in result.stderr  # TensorFlow's INFO chatter stays out
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["1"]
+    metadata = read_metadata(tmp_path / "1")
+    assert (metadata["training_steps"], metadata["sampler"], metadata["steps"]) == (20, "ddim", 4)  # the run's ddim
+    assert metadata["dtype_policy"] == "float32" and metadata["model_config"]["width"] == 16
+
+    request = dict(seeds=[0, 1, 2], sampler="ddim", steps=4)
+    exported = load_generator(tmp_path).generate(seeds=request["seeds"])
+    at_step_20, _ = load_run(smoke_run, 20)
+    newest, _ = load_run(smoke_run)
+    assert np.array_equal(exported, at_step_20.generate(**request))
+    assert not np.array_equal(exported, newest.generate(**request))
+
+
 @pytest.mark.slow  # three train.py runs; bench/fault_injection.py does ten kills
 def test_sigkill_then_resume_continues_the_same_run(tmp_path):
     args = ["--flagfile=flags/smoke.flags", f"--output_dir={tmp_path}", "--steps_per_epoch=5", "--train_steps=1000",
@@ -180,6 +202,7 @@ def test_mirrored_strategy_matches_one_device():
         ("train.py", ["--flagfile=flags/smoke.flags", "--steps_per_epoch=0", "--output_dir={tmp}/run"],
          "steps_per_epoch must be at least 1"),
         ("sample.py", ["--output={tmp}"], "is a folder"),
+        ("export.py", ["--model=savedmodel", "--export_dir={tmp}/export"], "not a training run directory"),
     ],
 )
 def test_errors_are_one_clear_line_and_a_failing_exit_code(script, args, message, tmp_path):
@@ -187,7 +210,8 @@ def test_errors_are_one_clear_line_and_a_failing_exit_code(script, args, message
     assert result.returncode == 1
     assert message.lower() in result.stderr.lower()
     assert "Traceback" not in result.stderr
-    assert not list(tmp_path.rglob("config.json")) and not list(tmp_path.glob("*.partial*"))  # nothing half-written
+    assert not list(tmp_path.rglob("config.json")) and not list(tmp_path.rglob("*.partial*"))  # nothing half-written
+    assert not list(tmp_path.rglob("saved_model.pb"))
 
 
 def test_bad_counts_and_options_are_clear_errors():

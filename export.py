@@ -1,0 +1,61 @@
+"""Export a checkpoint of a training run for TF Serving: `python export.py --model=runs/celeba32 --export_dir=savedmodel`.
+
+train.py exports a run's last weights to `<run>/savedmodel/1` when it finishes. This exports any checkpoint of a
+run (`--checkpoint_step`, default the newest), also while the run is still training, which it never changes. The
+export samples with the run's `--export_sampler`, `--export_steps` and `--export_eta` unless `--sampler`,
+`--steps` or `--eta` say otherwise, and its network computes in float32 unless `--precision` names another policy
+(an export's seeds give the images of the policy it was exported in). An existing version folder is replaced
+atomically: a failed export leaves it as it was.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "The training run directory to export from.", required=True)
+flags.DEFINE_integer("checkpoint_step", None, "Export the run's checkpoint of this step, not the newest.")
+flags.DEFINE_string("export_dir", None, "The model's base folder (TF Serving's model_base_path); default <model>/savedmodel.")
+flags.DEFINE_integer("version", 1, "The version folder written in --export_dir (replaced if it exists).")
+flags.DEFINE_enum("precision", "float32", ["auto", "float32", "mixed_float16", "mixed_bfloat16"],
+                  "The dtype policy the exported network computes in (auto: mixed_bfloat16 on a CPU with native "
+                  "bf16, mixed_float16 on a GPU). The shipped models are float32.")
+flags.DEFINE_enum("sampler", None, ["ddpm", "ddim", "dpm++"], "The export's default sampler; default: the run's --export_sampler.")
+flags.DEFINE_integer("steps", None, "The export's default number of sampling steps; default: the run's --export_steps.")
+flags.DEFINE_float("eta", None, "The export's default eta in [0, 1]; default: the run's --export_eta.")
+flags.DEFINE_integer("max_batch_size", None, "Most seeds one request may hold; default: the run's --export_max_batch.")
+flags.DEFINE_boolean("traceback", False, "Show the full traceback on errors.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    from keras_ddpm.cli import quiet_logs, report_errors
+
+    quiet_logs()
+    with report_errors("export.py", FLAGS.traceback):
+        import pathlib
+
+        from keras_ddpm.export import read_metadata
+        from keras_ddpm.precision import resolve_precision
+        from keras_ddpm.runs import export_run, load_run, read_run_config
+
+        run_dir = pathlib.Path(FLAGS.model)
+        model_config, train_config = read_run_config(run_dir)
+        policy, _ = resolve_precision(FLAGS.precision)
+        model, _ = load_run(run_dir, FLAGS.checkpoint_step, policy)
+        step = model.metadata["training_steps"]
+        version_dir = export_run(model, FLAGS.export_dir or run_dir / "savedmodel", model_config, train_config, step,
+                                 FLAGS.version, sampler=FLAGS.sampler, steps=FLAGS.steps, eta=FLAGS.eta,
+                                 max_batch_size=FLAGS.max_batch_size)
+        metadata = read_metadata(version_dir)
+        print(f"Wrote {version_dir}: ckpt-{step} of {run_dir}, {metadata['sampler']} with {metadata['steps']} steps "
+              f"(eta {metadata['eta']:g}) by default, network in {metadata['dtype_policy']}.")
+        print(f"Try it: python sample.py --model={version_dir.parent}")
+
+
+if __name__ == "__main__":
+    sys.exit(app.run(main))
