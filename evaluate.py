@@ -18,11 +18,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 
+from keras_ddpm import cli  # noqa: E402
+
 FLAGS = flags.FLAGS
-# The model shipped beside this script, so `python path/to/sample.py` works from any folder.
-SHIPPED_MODEL = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "savedmodel"))
-flags.DEFINE_string("model", SHIPPED_MODEL, "A SavedModel folder (highest version is used) or a training run directory.")
-flags.DEFINE_integer("checkpoint_step", None, "With a run directory: evaluate its checkpoint of this step, not the newest.")
+cli.define_model_flags(__file__, "evaluate")  # --model, --checkpoint_step, --precision, --sampler, --steps, --eta
 flags.DEFINE_list("metrics", ["swd", "nll"], "Metrics to compute: swd, fid, kid, face, nll, nn (nearest training images; fid and kid need InceptionV3 weights; face uses MTCNN, offline).")
 # Real images
 flags.DEFINE_enum("dataset", None, ["celeba", "celeba_tfds", "fashion_mnist", "cifar10", "synthetic"], "Real images; default: the model's training dataset, else celeba.")
@@ -30,15 +29,8 @@ flags.DEFINE_string("data_dir", None, "CelebA image folder (or its parent; defau
 flags.DEFINE_enum("split", "validation", ["train", "validation", "test"], "Split the real images come from.")
 flags.DEFINE_enum("crop", None, ["celeba64", "center140"], "CelebA crop box; default: the run's, else celeba64.")
 # Samples
-flags.DEFINE_enum("precision", None, ["auto", "float32", "mixed_float16", "mixed_bfloat16"],
-                  "A run directory's dtype policy for sampling (default float32; auto: mixed_bfloat16 on a CPU with "
-                  "native bf16, mixed_float16 on a GPU: faster, images a little different). A SavedModel samples "
-                  "in the policy it was exported with.")
 flags.DEFINE_integer("num_images", 2000, "Samples and real images for SWD, FID, KID and face.")
 flags.DEFINE_string("samples_npz", None, "Score these images (an .npz from sample.py --save_npz) instead of sampling.")
-flags.DEFINE_enum("sampler", None, ["ddpm", "ddim", "dpm++"], "Sampler; default: the one the model was exported with (ddim for runs).")
-flags.DEFINE_integer("steps", None, "Network evaluations per sample; default: the export's for its own sampler, else 1000 (ddpm), 50 (ddim), 20 (dpm++).")
-flags.DEFINE_float("eta", None, "Noise of DDIM and DPM-Solver++ in [0, 1] (0: deterministic); default: the model's (0 for run directories).")
 flags.DEFINE_integer("seed", 0, "Sample i uses seed + i; also seeds SWD and the NLL's draws.")
 flags.DEFINE_integer("batch_size", 64, "Images per sampling, Inception and NLL batch.")
 # Metrics
@@ -54,12 +46,7 @@ flags.DEFINE_boolean("traceback", False, "Show the full traceback on errors.")
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from keras_ddpm.cli import quiet_logs, report_errors
-
-    quiet_logs()
-    with report_errors("evaluate.py", FLAGS.traceback):
+    with cli.script_main("evaluate.py", argv, FLAGS.traceback):
         from keras_ddpm import evaluation
         from keras_ddpm.files import check_writable, write_json
 

@@ -15,6 +15,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 
+from keras_ddpm import cli  # noqa: E402
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "The training run directory to export from.", required=True)
 flags.DEFINE_integer("checkpoint_step", None, "Export the run's checkpoint of this step, not the newest.")
@@ -31,12 +33,7 @@ flags.DEFINE_boolean("traceback", False, "Show the full traceback on errors.")
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from keras_ddpm.cli import quiet_logs, report_errors
-
-    quiet_logs()
-    with report_errors("export.py", FLAGS.traceback):
+    with cli.script_main("export.py", argv, FLAGS.traceback):
         import pathlib
 
         from keras_ddpm.export import read_metadata

@@ -11,19 +11,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 
+from keras_ddpm import cli  # noqa: E402
+
 FLAGS = flags.FLAGS
-# The model shipped beside this script, so `python path/to/sample.py` works from any folder.
-SHIPPED_MODEL = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "savedmodel"))
-flags.DEFINE_string("model", SHIPPED_MODEL, "A SavedModel folder (highest version is used) or a training run directory.")
-flags.DEFINE_integer("checkpoint_step", None, "With a run directory: sample its checkpoint of this step, not the newest.")
-flags.DEFINE_enum("precision", None, ["auto", "float32", "mixed_float16", "mixed_bfloat16"],
-                  "A run directory's dtype policy for sampling (default float32; auto: mixed_bfloat16 on a CPU with "
-                  "native bf16, mixed_float16 on a GPU: faster, images a little different). A SavedModel samples "
-                  "in the policy it was exported with.")
+cli.define_model_flags(__file__, "sample")  # --model, --checkpoint_step, --precision, --sampler, --steps, --eta
 flags.DEFINE_integer("num_images", 64, "How many images.")
-flags.DEFINE_enum("sampler", None, ["ddpm", "ddim", "dpm++"], "Sampler; default: the one the model was exported with.")
-flags.DEFINE_integer("steps", None, "Network evaluations; default: the export's for its own sampler, else 1000 (ddpm), 50 (ddim), 20 (dpm++).")
-flags.DEFINE_float("eta", None, "Noise of DDIM and DPM-Solver++ in [0, 1] (0: deterministic); default: the model's (0 for run directories).")
 flags.DEFINE_enum("spacing", None, ["uniform", "quadratic", "logsnr"], "Timestep spacing; default per sampler.")
 flags.DEFINE_integer("seed", 0, "Image i uses seed + i.")
 flags.DEFINE_integer("label", None, "Class label for conditional models (num_classes = unconditional).")
@@ -45,12 +37,7 @@ def describe(generator) -> str:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from keras_ddpm.cli import quiet_logs, report_errors
-
-    quiet_logs()
-    with report_errors("sample.py", FLAGS.traceback):
+    with cli.script_main("sample.py", argv, FLAGS.traceback):
         import pathlib
 
         import numpy as np

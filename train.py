@@ -18,10 +18,7 @@ cli.define_train_flags(FLAGS)
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    cli.quiet_logs()
-    with cli.report_errors("train.py", FLAGS.traceback):
+    with cli.script_main("train.py", argv, FLAGS.traceback):
         from keras_ddpm.training import train
 
         model_config, train_config = cli.configs_from_flags(FLAGS)

@@ -8,13 +8,14 @@ handler need only the config dataclasses and the exception classes.
 import contextlib
 import dataclasses
 import logging
+import os
 import sys
 import typing
 
-from absl import flags
+from absl import app, flags
 from absl import logging as absl_logging
 
-from keras_ddpm.config import ModelConfig, TrainConfig
+from keras_ddpm.config import PRECISIONS, SAMPLERS, ModelConfig, TrainConfig
 from keras_ddpm.errors import TrainingDiverged
 
 # Failures that come from the user's input (flags, files, data), as opposed to bugs. TensorFlow's
@@ -46,6 +47,16 @@ def report_errors(program: str, show_traceback: bool = False):
         sys.exit(130)
 
 
+@contextlib.contextmanager
+def script_main(program: str, argv: list[str], show_traceback: bool = False):
+    """How every script's `main` runs: no stray arguments, TensorFlow's chatter off, user errors as one line."""
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    quiet_logs()
+    with report_errors(program, show_traceback):
+        yield
+
+
 def quiet_logs():
     """Keep TensorFlow's INFO chatter (checkpoint sharding, XLA) out of the scripts' output; ours stays."""
     logging.getLogger("tensorflow").setLevel(logging.WARNING)  # the logger tf.get_logger() returns
@@ -53,6 +64,32 @@ def quiet_logs():
     # after silencing it, so set the verbosity. Our logger keeps INFO.
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("keras_ddpm").setLevel(logging.INFO)
+
+
+# -- the flags of sample.py and evaluate.py -----------------------------------------------------------------
+
+def define_model_flags(script_file: str, verb: str, flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """The flags that choose a model and how it samples, for a script beside the shipped `savedmodel/`.
+
+    Args:
+        script_file: the script's `__file__`: the default model is the `savedmodel/` beside it, from any folder.
+        verb: what the script does with a checkpoint, for the help text ("sample", "evaluate").
+    """
+    shipped_model = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(script_file)), "savedmodel"))
+    flags.DEFINE_string("model", shipped_model, "A SavedModel folder (highest version is used) or a training run "
+                        "directory.", flag_values=flag_values)
+    flags.DEFINE_integer("checkpoint_step", None, f"With a run directory: {verb} its checkpoint of this step, not the "
+                         "newest.", flag_values=flag_values)
+    flags.DEFINE_enum("precision", None, list(PRECISIONS),
+                      "A run directory's dtype policy for sampling (default float32; auto: mixed_bfloat16 on a CPU "
+                      "with native bf16, mixed_float16 on a GPU: faster, images a little different). A SavedModel "
+                      "samples in the policy it was exported with.", flag_values=flag_values)
+    flags.DEFINE_enum("sampler", None, list(SAMPLERS), "Sampler; default: the one the model was exported with (ddim "
+                      "for a run directory).", flag_values=flag_values)
+    flags.DEFINE_integer("steps", None, "Network evaluations per image; default: the export's for its own sampler, "
+                         "else 1000 (ddpm), 50 (ddim), 20 (dpm++).", flag_values=flag_values)
+    flags.DEFINE_float("eta", None, "Noise of DDIM and DPM-Solver++ in [0, 1] (0: deterministic); default: the "
+                       "model's (0 for run directories).", flag_values=flag_values)
 
 
 # -- flags from the config dataclasses --------------------------------------------------------------------
