@@ -41,7 +41,7 @@ flags.DEFINE_integer("nll_draws", 50, "Timesteps drawn per image for the NLL bou
 # Output
 flags.DEFINE_string("nn_png", None, "With --metrics=...,nn: write 16 samples beside their nearest training images here.")
 flags.DEFINE_integer("nn_train_images", 20000, "Training images the nn metric searches (the first N of the train split).")
-flags.DEFINE_string("output_json", None, "Where to write the results; default: <run>/evaluation.json or next to the SavedModel.")
+flags.DEFINE_string("output_json", None, "Where to write the results; default: <run>/evaluation.json (evaluation-ckpt-<step>.json with --checkpoint_step) or next to the SavedModel.")
 flags.DEFINE_boolean("traceback", False, "Show the full traceback on errors.")
 
 

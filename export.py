@@ -1,11 +1,12 @@
-"""Export a checkpoint of a training run for TF Serving: `python export.py --model=runs/celeba32 --export_dir=savedmodel`.
+"""Export a checkpoint of a training run for TF Serving: `python export.py --model=runs/celeba32 --export_dir=exports/celeba32`.
 
 train.py exports a run's last weights to `<run>/savedmodel/1` when it finishes. This exports any checkpoint of a
-run (`--checkpoint_step`, default the newest), also while the run is still training, which it never changes. The
-export samples with the run's `--export_sampler`, `--export_steps` and `--export_eta` unless `--sampler`,
-`--steps` or `--eta` say otherwise, and its network computes in float32 unless `--precision` names another policy
-(an export's seeds give the images of the policy it was exported in). An existing version folder is replaced
-atomically: a failed export leaves it as it was.
+run (`--checkpoint_step`, default the newest) into a base folder of your choice, also while the run trains: it
+only reads the run. The export samples with the run's `--export_sampler`, `--export_steps` and `--export_eta`
+unless `--sampler`, `--steps` or `--eta` say otherwise, and its network computes in float32 unless `--precision`
+names another policy (an export's seeds give the images of the policy it was exported in). An existing version
+folder is replaced atomically: a failed export leaves it as it was. `--export_dir=savedmodel` replaces the
+shipped model.
 """
 
 import os
@@ -20,7 +21,7 @@ from keras_ddpm import cli  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "The training run directory to export from.", required=True)
 flags.DEFINE_integer("checkpoint_step", None, "Export the run's checkpoint of this step, not the newest.")
-flags.DEFINE_string("export_dir", None, "The model's base folder (TF Serving's model_base_path); default <model>/savedmodel.")
+flags.DEFINE_string("export_dir", None, "The model's base folder (TF Serving's model_base_path).", required=True)
 flags.DEFINE_integer("version", 1, "The version folder written in --export_dir (replaced if it exists).")
 flags.DEFINE_enum("precision", "float32", ["auto", "float32", "mixed_float16", "mixed_bfloat16"],
                   "The dtype policy the exported network computes in (auto: mixed_bfloat16 on a CPU with native "
@@ -45,7 +46,7 @@ def main(argv):
         policy, _ = resolve_precision(FLAGS.precision)
         model, _ = load_run(run_dir, FLAGS.checkpoint_step, policy)
         step = model.metadata["training_steps"]
-        version_dir = export_run(model, FLAGS.export_dir or run_dir / "savedmodel", model_config, train_config, step,
+        version_dir = export_run(model, FLAGS.export_dir, model_config, train_config, step,
                                  FLAGS.version, sampler=FLAGS.sampler, steps=FLAGS.steps, eta=FLAGS.eta,
                                  max_batch_size=FLAGS.max_batch_size)
         metadata = read_metadata(version_dir)

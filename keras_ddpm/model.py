@@ -313,7 +313,8 @@ class DiffusionModel(keras.Model):
         """Generate images with the EMA network; returns uint8 [N, H, W, C] as a numpy array.
 
         Image i is drawn from seed `seed + i` (or `seeds[i]`); the same seed always gives the same image,
-        whatever the batch, and the SavedModel's `serving_default` gives it for the same seed too.
+        whatever the batch, and an export's `serving_default` gives it for the same seed too when called with the
+        export's sampler, steps and eta.
 
         Args:
             num_images: how many images (or pass `seeds`).

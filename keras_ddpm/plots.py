@@ -99,8 +99,11 @@ def process_figures(generator: Generator, folder, data_dir=None, seed=0, num_row
     """Write `forward.png` (real images noised by q(x_t | x_0)) and `reverse.png` (noise denoised into images).
 
     Each row is one image; columns go from t = 0 to T - 1 (forward) and from pure noise to the sample (reverse).
-    The forward figure needs real images; without them it is skipped with a message.
+    The forward figure needs real images; without them it is skipped with a message. `options` go to `generate`;
+    labels given per image (as for a whole grid) are cut to the first `num_rows`.
     """
+    if np.ndim(options.get("labels")):
+        options = {**options, "labels": np.asarray(options["labels"])[:num_rows]}
     folder = pathlib.Path(folder)
     written = []
     schedule = generator.schedule

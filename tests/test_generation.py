@@ -47,6 +47,15 @@ def test_process_figures_work_with_a_plain_model(trained_model, tmp_path):
     assert all(path.stat().st_size > 0 for path in written)
 
 
+def test_process_figures_take_the_labels_of_a_whole_grid(tmp_path):
+    """`sample.py --process_strip` on a conditional model passes one label per grid image; the strip has 2 rows."""
+    model = DiffusionModel(build_unet(**TINY_UNET, num_classes=3), NoiseSchedule("linear", 100),
+                           metadata={"dataset": "synthetic"})
+    grid_labels = np.arange(64) % 3
+    written = plots.process_figures(model, tmp_path, num_rows=2, num_frames=3, steps=2, labels=grid_labels)
+    assert [path.name for path in written] == ["forward.png", "reverse.png"]
+
+
 def test_a_keras_file_of_a_trained_model_draws_the_same_images(trained_model, tmp_path):
     path = tmp_path / "model.keras"
     trained_model.save(path)
