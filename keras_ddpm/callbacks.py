@@ -190,8 +190,9 @@ class SampleGrid(keras.callbacks.Callback):
             self.writer.flush()
 
 
-class LossCurve(keras.callbacks.Callback):
-    """Redraws the loss-curve PNG from the CSV log after every epoch (place it after the CSV log)."""
+class TrainingCurves(keras.callbacks.Callback):
+    """Redraws the training-curve PNG (loss; SWD and face FD when monitored) from the CSV log after every epoch
+    (place it after the CSV log)."""
 
     def __init__(self, csv_path, png_path):
         super().__init__()
@@ -199,7 +200,7 @@ class LossCurve(keras.callbacks.Callback):
         self.png_path = png_path
 
     def on_epoch_end(self, epoch, logs=None):
-        plots.plot_loss_curve(self.csv_path, self.png_path)
+        plots.plot_training_curves(self.csv_path, self.png_path)
 
 
 class SWDMonitor(keras.callbacks.Callback):

@@ -45,8 +45,9 @@ def save_image_grid(path, images: np.ndarray, columns: int | None = None, scale:
     return save_png(path, image_grid(images, columns, scale=scale))
 
 
-def plot_loss_curve(csv_path, png_path, smoothing: int = 5) -> pathlib.Path:
-    """Plot the training (and validation) loss per epoch from a run's CSV log (`callbacks.CSVLog`, or Keras')."""
+def plot_training_curves(csv_path, png_path, smoothing: int = 5) -> pathlib.Path:
+    """Plot a run's CSV log (`callbacks.CSVLog`, or Keras'): the training (and validation) loss per epoch and,
+    when the run monitors them (`--swd_every_epochs`, `--monitor_face`), SWD and the face FD in a panel below."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,24 +59,47 @@ def plot_loss_curve(csv_path, png_path, smoothing: int = 5) -> pathlib.Path:
         raise ValueError(f"{csv_path} has no rows to plot yet.")
     x_key = "step" if "step" in rows[0] else "epoch"
     steps = np.array([float(row[x_key]) for row in rows])
-    figure, axes = plt.subplots(figsize=(6, 3.5), dpi=120)
+    column = {key: np.array([_number(row.get(key)) for row in rows]) for key in rows[0]}
+    monitored = any(np.isfinite(column.get(key, [np.nan])).any() for key in ("swd", "face_fd"))
+    figure, axes = plt.subplots(2 if monitored else 1, 1, figsize=(6, 6 if monitored else 3.5), dpi=120,
+                                sharex=True, squeeze=False)
+    loss_axes = axes[0, 0]
     for key, style in [("loss", "-"), ("val_loss", "--"), ("val_ema_loss", ":")]:
-        values = np.array([_number(row.get(key)) for row in rows])
+        values = column.get(key, np.full(len(rows), np.nan))
         if np.isfinite(values).any():
-            axes.plot(steps, values, style, alpha=0.35 if key == "loss" else 0.9, label=key)
+            loss_axes.plot(steps, values, style, alpha=0.35 if key == "loss" else 0.9, label=key)
             if key == "loss" and len(values) > smoothing:
                 kernel = np.ones(smoothing) / smoothing
-                axes.plot(steps[smoothing - 1 :], np.convolve(values, kernel, "valid"), label=f"loss ({smoothing}-pt mean)")
-    axes.set_xlabel("training step" if x_key == "step" else "epoch")
-    axes.set_ylabel("MSE")
-    axes.set_yscale("log")
-    axes.grid(alpha=0.3)
-    axes.legend()
+                loss_axes.plot(steps[smoothing - 1 :], np.convolve(values, kernel, "valid"),
+                               label=f"loss ({smoothing}-pt mean)")
+    loss_axes.set_ylabel("MSE")
+    loss_axes.set_yscale("log")
+    loss_axes.grid(alpha=0.3)
+    loss_axes.legend()
+    if monitored:
+        _plot_sample_quality(axes[1, 0], steps, column)
+    axes[-1, 0].set_xlabel("training step" if x_key == "step" else "epoch")
     figure.tight_layout()
     with files.atomic_path(png_path) as partial:  # a viewer never sees half a PNG
         figure.savefig(partial)
     plt.close(figure)
     return pathlib.Path(png_path)
+
+
+def _plot_sample_quality(axes, steps: np.ndarray, column: dict) -> None:
+    """SWD (left axis) and the face FD (right axis) of the EMA samples, at the epochs that measured them."""
+    lines = []
+    for key, side, color in [("swd", axes, "tab:blue"), ("face_fd", None, "tab:red")]:
+        values = column.get(key, np.full(len(steps), np.nan))
+        measured = np.isfinite(values)
+        if not measured.any():
+            continue
+        side = side or axes.twinx()
+        lines += side.plot(steps[measured], values[measured], "o-", color=color, label=key)
+        side.set_ylabel({"swd": "SWD x1e3", "face_fd": "face FD"}[key], color=color)
+        side.set_yscale("log")
+    axes.grid(alpha=0.3)
+    axes.legend(lines, [line.get_label() for line in lines], title="EMA samples vs held-out images")
 
 
 def _number(text) -> float:

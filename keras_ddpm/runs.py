@@ -5,7 +5,7 @@ Layout of a run directory:
     config.json          model and training configuration (a rerun must match the model part)
     checkpoints/         tf.train.CheckpointManager: `ckpt-<step>` with network, EMA network and optimizer
     log.csv              per-epoch loss, step, images seen, learning rate (appended across restarts)
-    loss.png             the loss curve, redrawn every epoch
+    loss.png             the loss curve (and SWD, face FD when monitored), redrawn every epoch
     samples/step_*.png   sample grids from fixed seeds
     best_ema.weights.h5  EMA weights with the lowest SWD so far, and best_ema.json (with --swd_every_epochs)
     tensorboard/         scalars and sample images

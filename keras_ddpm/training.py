@@ -200,7 +200,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, output_dir):
         *swd_monitor,  # before the CSV log and TensorBoard, which log its `swd` (and face metrics)
         run_callbacks.CSVLog(output_dir / "log.csv"),
         checkpoints,  # after the CSV log (see callbacks.Checkpoint)
-        run_callbacks.LossCurve(output_dir / "log.csv", output_dir / "loss.png"),
+        run_callbacks.TrainingCurves(output_dir / "log.csv", output_dir / "loss.png"),
         keras.callbacks.TensorBoard(str(output_dir / "tensorboard"), write_graph=False),
         run_callbacks.SampleGrid(
             output_dir / "samples", cfg.num_samples, cfg.sample_every_epochs, steps=cfg.sample_steps,

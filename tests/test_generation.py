@@ -69,3 +69,17 @@ def test_a_keras_file_of_a_trained_model_draws_the_same_images(trained_model, tm
     np.testing.assert_array_equal(loaded.generate(3, seed=5, steps=4), trained_model.generate(3, seed=5, steps=4))
     np.testing.assert_array_equal(generate_in_batches(loaded, 3, batch_size=2, seed=5, verbose=False, steps=4),
                                   trained_model.generate(3, seed=5, steps=4))
+
+
+def test_training_curves_add_a_sample_quality_panel_when_the_run_monitors_it(tmp_path):
+    """loss.png: the loss alone, or with SWD and the face FD below it at the epochs that measured them."""
+    import matplotlib.image
+
+    header = "epoch,loss,step,swd,face_fd\n"
+    rows = ["0,0.05,500,77.4,1.75\n", "1,0.010,1000,NA,NA\n", "2,0.009,1500,35.1,0.31\n"]
+    plain, monitored = tmp_path / "plain.csv", tmp_path / "monitored.csv"
+    plain.write_text(header + "".join(row.rsplit(",", 2)[0] + ",NA,NA\n" for row in rows))
+    monitored.write_text(header + "".join(rows))
+    heights = [matplotlib.image.imread(plots.plot_training_curves(csv, tmp_path / f"{csv.stem}.png")).shape[0]
+               for csv in (plain, monitored)]
+    assert heights[1] > 1.5 * heights[0]
