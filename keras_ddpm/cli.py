@@ -62,7 +62,8 @@ def quiet_logs():
     logging.getLogger("tensorflow").setLevel(logging.WARNING)  # the logger tf.get_logger() returns
     # Parts of TensorFlow's saving code log through absl, and restore absl's verbosity (not a logger's level)
     # after silencing it, so set the verbosity. Our logger keeps INFO.
-    absl_logging.set_verbosity(absl_logging.WARNING)
+    if not flags.FLAGS["verbosity"].present:  # an explicit --verbosity wins
+        absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("keras_ddpm").setLevel(logging.INFO)
 
 

@@ -2,10 +2,11 @@
 
 A field's default is DDPM's setting (Ho et al. 2020: epsilon-prediction, learning rate 2e-4 with 5,000 warm-up
 steps, batch 128, EMA 0.9999) where DDPM has one; the recipes in `celeba.flags` and `flags/` set their own values
-on top (v-prediction, precision, XLA, run length). Its `help` metadata is the text of the command-line flag that `keras_ddpm.cli` derives from the field, so a default or its description cannot
-drift between the scripts, `config.json` and the library. Run directories store both as `config.json`
-(`keras_ddpm.runs`). `DiffusionModel` and `NoiseSchedule` take the same defaults; `build_unet` too, except its
-`width`, `attention_resolutions` and `dropout` (see tests/test_config.py, which pins them).
+on top (v-prediction, precision, XLA, run length). A field's `help` metadata is the text of the command-line flag
+that `keras_ddpm.cli` derives from it, so a default or its description cannot drift between the scripts,
+`config.json` and the library. Run directories store both as `config.json` (`keras_ddpm.runs`).
+`DiffusionModel` and `NoiseSchedule` take the same defaults; `build_unet` too, except its `width`,
+`attention_resolutions` and `dropout` (see tests/test_config.py, which pins them).
 
 This module imports none of the model code (`ModelConfig.build` does, when called), so defining the scripts'
 flags loads no U-Net, sampler or metric.

@@ -31,9 +31,8 @@ from keras_ddpm.metrics import face as face_metric
 from keras_ddpm.data import load_images
 from keras_ddpm.errors import NotOurSavedModelError
 from keras_ddpm.export import find_version_dir, read_metadata
-from keras_ddpm.files import read_json
 from keras_ddpm.generation import Generator, generate_in_batches, sampling_defaults
-from keras_ddpm.runs import load_generator, sampling_precision
+from keras_ddpm.runs import load_generator, read_run_config, sampling_precision
 
 METRICS = ("swd", "fid", "kid", "nll", "nn", "face")
 DEFAULT_METRICS = ("swd", "nll")  # the two that need no pretrained weights at all
@@ -60,10 +59,9 @@ def model_defaults(path) -> dict:
     """
     path = pathlib.Path(path)
     if (path / "config.json").is_file():
-        config = read_json(path / "config.json")
-        train_config, model_config = config.get("train", {}), config.get("model", {})
-        image_shape = (model_config["image_size"], model_config["image_size"], model_config["channels"])
-        return {**{key: train_config.get(key) for key in ("dataset", "data_dir", "crop")}, "image_shape": image_shape}
+        model_config, train_config = read_run_config(path)
+        image_shape = (model_config.image_size, model_config.image_size, model_config.channels)
+        return {**{key: getattr(train_config, key) for key in ("dataset", "data_dir", "crop")}, "image_shape": image_shape}
     try:
         metadata = read_metadata(find_version_dir(path))
     except (FileNotFoundError, NotOurSavedModelError):

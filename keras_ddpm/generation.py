@@ -37,7 +37,8 @@ class Generator(Protocol):
         num_classes: real classes of a conditional model (label `num_classes` is the null label); 0 if not.
         schedule, objective: the noise schedule and what the network predicts.
         metadata: what the model is and its sampling defaults: at least `sampler`, `eta` and `spacing` (None: per
-            sampler; an export's also `steps`), `image_size`, `channels`, `num_classes`, `schedule`, `objective` and `dataset` (or None).
+            sampler; an export's also `steps`), `image_size`, `channels`, `num_classes`, `schedule`, `objective`
+            and `dataset` (or None).
         max_batch_size: most seeds one `generate` call takes (an export's cap), or None.
     """
 
@@ -78,17 +79,22 @@ class Request:
 
 
 def sampling_defaults(generator: Generator, sampler=None, steps=None, eta=None) -> tuple[str, int, float]:
-    """`sampler`, `steps` and `eta` as asked, else the generator's defaults.
+    """`sampler`, `steps` and `eta` as asked, else the generator's (its export's; DDIM with eta 0 for a model in
+    memory): see `resolve_sampling`."""
+    return resolve_sampling(generator.metadata, generator.schedule.num_timesteps, sampler, steps, eta)
 
-    The defaults are its export's sampler and eta (DDIM with eta 0 for a model in memory), and the export's steps
-    when the sampler is the export's; otherwise the sampler's own (`samplers.default_steps`).
+
+def resolve_sampling(defaults: dict, num_timesteps: int, sampler=None, steps=None, eta=None) -> tuple[str, int, float]:
+    """`sampler`, `steps` and `eta` as asked, else from `defaults` (`sampler`, `eta` and maybe `steps`).
+
+    The default steps are `defaults["steps"]` only for the default sampler (20 DPM-Solver++ steps say nothing
+    about DDPM); another sampler takes its own (`samplers.default_steps`). The default eta holds for any sampler.
     """
-    metadata = generator.metadata
-    sampler = sampler or metadata["sampler"]
+    sampler = sampler or defaults["sampler"]
     if steps is None:
-        exported_steps = metadata.get("steps") if sampler == metadata["sampler"] else None
-        steps = exported_steps or samplers.default_steps(sampler, generator.schedule.num_timesteps)
-    return sampler, int(steps), metadata["eta"] if eta is None else eta
+        own_steps = defaults.get("steps") if sampler == defaults["sampler"] else None
+        steps = own_steps or samplers.default_steps(sampler, num_timesteps)
+    return sampler, int(steps), defaults["eta"] if eta is None else eta
 
 
 def check_request(generator: Generator, num_images=None, seed=0, seeds=None, steps=None, sampler=None, eta=None,

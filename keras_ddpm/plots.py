@@ -124,10 +124,10 @@ def process_figures(generator: Generator, folder, data_dir=None, seed=0, num_row
 
     Each row is one image; columns go from t = 0 to T - 1 (forward) and from pure noise to the sample (reverse).
     The forward figure needs real images; without them it is skipped with a message. `options` go to `generate`;
-    labels given per image (as for a whole grid) are cut to the first `num_rows`.
+    labels given per image (as for a whole grid) are cut or repeated to `num_rows`.
     """
     if np.ndim(options.get("labels")):
-        options = {**options, "labels": np.asarray(options["labels"])[:num_rows]}
+        options = {**options, "labels": np.resize(options["labels"], num_rows)}
     folder = pathlib.Path(folder)
     written = []
     schedule = generator.schedule

@@ -33,7 +33,7 @@ from keras_ddpm import files
 from keras_ddpm.config import ModelConfig, TrainConfig
 from keras_ddpm.export import (clean_stale_exports, export_savedmodel, find_version_dir, load_savedmodel,
                                read_metadata)
-from keras_ddpm.generation import Generator, SavedModelGenerator
+from keras_ddpm.generation import Generator, SavedModelGenerator, resolve_sampling
 from keras_ddpm.model import DiffusionModel
 from keras_ddpm.precision import dtype_policy, resolve_precision
 
@@ -75,9 +75,8 @@ def weights_problem(model, probe_images, probe_labels=None) -> str | None:
 
 def check_same_model(output_dir, model_config: ModelConfig) -> None:
     """Refuse an existing run directory that holds a run of a different model; reads only."""
-    config_path = pathlib.Path(output_dir) / "config.json"
-    if config_path.exists():
-        saved = ModelConfig.from_dict(files.read_json(config_path)["model"])
+    if (pathlib.Path(output_dir) / "config.json").exists():
+        saved, _ = read_run_config(output_dir)
         if saved != model_config:
             changed = {
                 key: (value, getattr(model_config, key))
@@ -250,12 +249,26 @@ def trim_log(log_path, last_step: int) -> None:
 
 
 def read_run_config(output_dir) -> tuple[ModelConfig, TrainConfig]:
-    """The model and training configs a run directory was trained with (its config.json)."""
+    """The model and training configs a run directory was trained with (its config.json).
+
+    Fields the config classes have gained since take their defaults. Training fields they no longer have (or that
+    a newer version wrote) are dropped with a warning: reading a run needs only the model to match exactly.
+    """
     config_path = pathlib.Path(output_dir) / "config.json"
+    if not pathlib.Path(output_dir).is_dir():
+        raise FileNotFoundError(f"No run directory at {output_dir}.")
     if not config_path.exists():
         raise FileNotFoundError(f"{output_dir} is not a training run directory (no config.json).")
     config = files.read_json(config_path)
-    return ModelConfig.from_dict(config["model"]), TrainConfig.from_dict(config.get("train", {}))
+    train_values = config.get("train", {})
+    unknown = sorted(set(train_values) - {field.name for field in dataclasses.fields(TrainConfig)})
+    if unknown:
+        logger.warning("%s: ignoring training settings this version does not know: %s.", config_path, unknown)
+    try:
+        return ModelConfig.from_dict(config["model"]), TrainConfig.from_dict(
+            {key: value for key, value in train_values.items() if key not in unknown})
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{config_path} does not hold a valid run config: {error}") from error
 
 
 def load_run(output_dir, step: int | None = None, precision: str = "float32") -> tuple[DiffusionModel, ModelConfig]:
@@ -279,18 +292,20 @@ def load_run(output_dir, step: int | None = None, precision: str = "float32") ->
 
 
 def export_run(model, export_dir, model_config: ModelConfig, train_config: TrainConfig, training_steps: int,
-               version: int = 1, **sampling) -> pathlib.Path:
+               version: int = 1, sampler=None, steps=None, eta=None, max_batch_size=None) -> pathlib.Path:
     """Export a run's EMA network to `<export_dir>/<version>/` with the run's metadata.
 
     The export samples with the run's `export_sampler`, `export_steps`, `export_eta` and `export_max_batch`
-    unless `sampling` gives `sampler`, `steps`, `eta` or `max_batch_size` (None keeps the run's).
+    unless `sampler`, `steps`, `eta` or `max_batch_size` say otherwise (None keeps the run's; another sampler
+    takes its own steps, as in `resolve_sampling`).
     """
-    settings = dict(sampler=train_config.export_sampler, steps=train_config.export_steps, eta=train_config.export_eta,
-                    max_batch_size=train_config.export_max_batch)
-    settings.update({name: value for name, value in sampling.items() if value is not None})
+    run_defaults = dict(sampler=train_config.export_sampler, steps=train_config.export_steps, eta=train_config.export_eta)
+    sampler, steps, eta = resolve_sampling(run_defaults, model.schedule.num_timesteps, sampler, steps, eta)
+    max_batch_size = train_config.export_max_batch if max_batch_size is None else max_batch_size
     metadata = {"dataset": train_config.dataset, "training_steps": training_steps,
                 "model_config": model_config.to_dict()}
-    return export_savedmodel(model, export_dir, version, metadata=metadata, **settings)
+    return export_savedmodel(model, export_dir, version, sampler=sampler, steps=steps, eta=eta, metadata=metadata,
+                             max_batch_size=max_batch_size)
 
 
 def sampling_precision(path, precision: str | None = None) -> tuple[str, str]:

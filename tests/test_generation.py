@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from keras_ddpm import plots
-from keras_ddpm.generation import check_request, generate_in_batches
+from keras_ddpm.generation import check_request, generate_in_batches, resolve_sampling
 from keras_ddpm.model import DiffusionModel
 from keras_ddpm.schedule import NoiseSchedule
 from keras_ddpm.unet import build_unet
@@ -51,9 +51,9 @@ def test_process_figures_take_the_labels_of_a_whole_grid(tmp_path):
     """`sample.py --process_strip` on a conditional model passes one label per grid image; the strip has 2 rows."""
     model = DiffusionModel(build_unet(**TINY_UNET, num_classes=3), NoiseSchedule("linear", 100),
                            metadata={"dataset": "synthetic"})
-    grid_labels = np.arange(64) % 3
-    written = plots.process_figures(model, tmp_path, num_rows=2, num_frames=3, steps=2, labels=grid_labels)
-    assert [path.name for path in written] == ["forward.png", "reverse.png"]
+    for grid_labels in (np.arange(64) % 3, [2]):  # a grid of 64, and of one image (fewer labels than rows)
+        written = plots.process_figures(model, tmp_path, num_rows=2, num_frames=3, steps=2, labels=grid_labels)
+        assert [path.name for path in written] == ["forward.png", "reverse.png"]
 
 
 def test_a_keras_file_of_a_trained_model_draws_the_same_images(trained_model, tmp_path):
@@ -71,9 +71,20 @@ def test_a_keras_file_of_a_trained_model_draws_the_same_images(trained_model, tm
                                   trained_model.generate(3, seed=5, steps=4))
 
 
-def test_training_curves_add_a_sample_quality_panel_when_the_run_monitors_it(tmp_path):
-    """loss.png: the loss alone, or with SWD and the face FD below it at the epochs that measured them."""
+def test_training_curves_plot_the_monitored_epochs_in_a_panel_of_their_own(tmp_path):
+    """loss.png: the loss alone, or with SWD and the face FD below it, at the epochs that measured them."""
     import matplotlib.image
+    import matplotlib.pyplot as plt
+
+    steps = np.array([500.0, 1000.0, 1500.0])
+    column = {"swd": np.array([77.4, np.nan, 35.1]), "face_fd": np.array([1.75, np.nan, 0.31])}
+    figure, axes = plt.subplots()
+    plots._plot_sample_quality(axes, steps, column)
+    swd_line, = axes.get_lines()
+    face_line, = figure.axes[1].get_lines()  # the face FD's own axis, on the right
+    assert swd_line.get_xdata().tolist() == [500, 1500] and swd_line.get_ydata().tolist() == [77.4, 35.1]
+    assert face_line.get_xdata().tolist() == [500, 1500] and face_line.get_ydata().tolist() == [1.75, 0.31]
+    plt.close(figure)
 
     header = "epoch,loss,step,swd,face_fd\n"
     rows = ["0,0.05,500,77.4,1.75\n", "1,0.010,1000,NA,NA\n", "2,0.009,1500,35.1,0.31\n"]
@@ -82,4 +93,13 @@ def test_training_curves_add_a_sample_quality_panel_when_the_run_monitors_it(tmp
     monitored.write_text(header + "".join(rows))
     heights = [matplotlib.image.imread(plots.plot_training_curves(csv, tmp_path / f"{csv.stem}.png")).shape[0]
                for csv in (plain, monitored)]
-    assert heights[1] > 1.5 * heights[0]
+    assert heights[1] > 1.5 * heights[0]  # the panel is there only when the run monitored
+
+
+def test_an_exports_steps_are_the_default_only_for_its_own_sampler():
+    exported = {"sampler": "dpm++", "steps": 12, "eta": 0.5}
+    assert resolve_sampling(exported, 1000) == ("dpm++", 12, 0.5)
+    assert resolve_sampling(exported, 1000, sampler="ddim") == ("ddim", 50, 0.5)
+    assert resolve_sampling(exported, 1000, sampler="ddpm") == ("ddpm", 1000, 0.5)
+    assert resolve_sampling(exported, 1000, steps=7, eta=0.0) == ("dpm++", 7, 0.0)
+    assert resolve_sampling({"sampler": "ddim", "eta": 0.0}, 100) == ("ddim", 50, 0.0)  # a model in memory

@@ -16,8 +16,10 @@ from keras_ddpm import callbacks
 from keras_ddpm.config import ModelConfig
 from keras_ddpm.config import TrainConfig
 from keras_ddpm.errors import TrainingDiverged
-from keras_ddpm.runs import (clean_stale_files, load_generator, load_run, prepare_run_directory, restore_checkpoint,
-                             trim_log, weights_problem)
+from keras_ddpm.export import read_metadata
+from keras_ddpm.files import read_json, write_json
+from keras_ddpm.runs import (clean_stale_files, export_run, load_generator, load_run, prepare_run_directory,
+                             read_run_config, restore_checkpoint, trim_log, weights_problem)
 from keras_ddpm.training import make_optimizer, train
 
 TINY = ModelConfig(image_size=16, width=8, channel_multipliers=(1,), num_res_blocks=1, attention_resolutions=(),
@@ -107,6 +109,38 @@ def test_load_run_reads_the_checkpoint_of_a_given_step_and_leaves_the_run_alone(
         load_run(tmp_path, step=7)
     with pytest.raises(ValueError, match="exported model, which has no checkpoints"):
         load_generator(pathlib.Path(__file__).resolve().parents[1] / "savedmodel", step=2)
+
+
+def test_a_run_config_of_another_version_still_reads(tmp_path, caplog):
+    """Fields added since take their defaults; training fields this version lacks are dropped with a warning."""
+    run_with_checkpoints(tmp_path)
+    config = read_json(tmp_path / "config.json")
+    del config["train"]["export_max_batch"]
+    config["train"]["retired_setting"] = 1
+    write_json(tmp_path / "config.json", config)
+    with caplog.at_level(logging.WARNING):
+        model_config, train_config = read_run_config(tmp_path)
+    assert "retired_setting" in caplog.text
+    assert model_config == TINY and train_config.export_max_batch == TrainConfig().export_max_batch
+    assert load_run(tmp_path)[0].metadata["training_steps"] == 3
+
+    config["model"]["wings"] = 2  # a model this version cannot build must not be read as another one
+    write_json(tmp_path / "config.json", config)
+    with pytest.raises(ValueError, match="config.json does not hold a valid run config.*wings"):
+        read_run_config(tmp_path)
+    with pytest.raises(FileNotFoundError, match="No run directory at"):
+        read_run_config(tmp_path / "missing")
+
+
+def test_export_run_takes_the_runs_export_settings_unless_told_otherwise(tmp_path):
+    model = TINY.build()
+    run = TrainConfig(dataset="synthetic", export_sampler="dpm++", export_steps=7, export_eta=0.5, export_max_batch=8)
+    as_run = read_metadata(export_run(model, tmp_path, TINY, run, training_steps=3))
+    assert (as_run["sampler"], as_run["steps"], as_run["eta"], as_run["max_batch_size"]) == ("dpm++", 7, 0.5, 8)
+    assert (as_run["training_steps"], as_run["dataset"]) == (3, "synthetic")
+    assert ModelConfig.from_dict(as_run["model_config"]) == TINY
+    other = read_metadata(export_run(model, tmp_path, TINY, run, 3, version=2, sampler="ddim"))
+    assert (other["sampler"], other["steps"], other["eta"]) == ("ddim", 50, 0.5)  # DDIM's own steps, not 7
 
 
 def test_no_usable_checkpoint_is_a_clear_error(tmp_path):

@@ -69,6 +69,7 @@ def test_sample_py_on_the_smoke_run(smoke_run, tmp_path):
     assert np.abs(from_run.astype(int) - from_export.astype(int)).max() <= 1
 
 
+@pytest.mark.slow  # an export.py process (tests/test_resume.py covers export_run in-process)
 def test_export_py_exports_the_checkpoint_asked_for(smoke_run, tmp_path):
     """`python export.py`: any checkpoint of a run, with the run's export settings unless a flag overrides one."""
     from keras_ddpm.export import read_metadata
