@@ -5,14 +5,17 @@
 
 Arms (each is `train.py --flagfile=flags/celeba32_cpu.flags` plus `--base_flags` plus the flags shown):
 
-    baseline        the recipe: v-prediction, linear schedule, width 32 x (1, 2, 2, 2), attention at the bottleneck,
-                    precision auto (mixed_bfloat16 where the CPU has native bf16)
+    baseline        the recipe: v-prediction with min-SNR-5 weighting, linear schedule, width 32 x (1, 2, 2, 2),
+                    attention at the bottleneck, precision auto (mixed_bfloat16 where the CPU has native bf16)
     float32         --precision=float32                              (what auto gives up on a bf16 CPU)
     deep_channels   --channel_multipliers=1,2,4,4                    (capacity at 8x8 and 4x4, where it costs little)
     width48         --width=48
     attention16     --attention_resolutions=16,8                     (global coherence at 16x16 and 8x8)
-    min_snr         --loss_weighting=min_snr                         (min-SNR-5 weights with v, Hang et al. 2023)
+    min_snr         --loss_weighting=min_snr                         (min-SNR-5 weights with v, Hang et al. 2023; the
+                                                                     recipe since it won Section 6.11: = baseline)
     log_normal      --timestep_sampling=log_normal                   (EDM's noise levels, Karras et al. 2022)
+    edm             --timestep_sampling=log_normal --loss_weighting=none   (EDM's training: its noise levels with
+                                                                     unweighted v, which is EDM's preconditioned loss)
     lr1e-3          --learning_rate=1e-3
     batch64         --batch_size=64
     ema9995         --ema_decay=0.9995
@@ -59,6 +62,7 @@ ARMS = {
     "attention16": ["--attention_resolutions=16,8"],
     "min_snr": ["--loss_weighting=min_snr"],
     "log_normal": ["--timestep_sampling=log_normal"],
+    "edm": ["--timestep_sampling=log_normal", "--loss_weighting=none"],
     "lr1e-3": ["--learning_rate=1e-3"],
     "batch64": ["--batch_size=64"],
     "ema9995": ["--ema_decay=0.9995"],
