@@ -236,8 +236,14 @@ def generate_in_batches(generator: Generator, num_images: int, batch_size: int =
     """
     if num_images < 1 or batch_size < 1:
         raise ValueError(f"num_images and batch_size must be at least 1, got {num_images} and {batch_size}.")
-    batch_size = min(batch_size, generator.max_batch_size or batch_size)
-    progress = keras.utils.Progbar(num_images, unit_name="image") if verbose else None
+    batch_size = min(batch_size, generator.max_batch_size or batch_size, num_images)
+    progress = None
+    if verbose:  # said up front: DDPM with all its steps takes minutes a batch, and the bar moves once per batch
+        sampler, steps, eta = sampling_defaults(generator, options.get("sampler"), options.get("steps"),
+                                                options.get("eta"))
+        print(f"Sampling {num_images} images: {sampler}, {steps} network calls each, eta {eta:g}, "
+              f"in batches of {batch_size}.")
+        progress = keras.utils.Progbar(num_images, unit_name="image")
     labels = options.pop("labels", None)
     if labels is not None:
         labels = np.broadcast_to(np.asarray(labels), [num_images])

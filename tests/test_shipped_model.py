@@ -36,6 +36,7 @@ def test_sample_py_with_no_model_flag_uses_the_shipped_model_from_any_folder(tmp
     result = run_sample_py("--num_images=4", "--steps=4", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "dataset: celeba" in result.stdout
+    assert "Sampling 4 images: dpm++, 4 network calls each, eta 0, in batches of 4." in result.stdout
     assert (tmp_path / "samples" / "grid.png").stat().st_size > 1000
 
 
