@@ -17,7 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags  # noqa: E402
 
 from keras_ddpm import cli  # noqa: E402
-from keras_ddpm.config import PRECISIONS, SAMPLERS  # noqa: E402
+from keras_ddpm.config import AUTO_PRECISION, PRECISIONS, SAMPLERS  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "The training run directory to export from.", required=True)
@@ -25,11 +25,11 @@ flags.DEFINE_integer("checkpoint_step", None, "Export the run's checkpoint of th
 flags.DEFINE_string("export_dir", None, "The model's base folder (TF Serving's model_base_path).", required=True)
 flags.DEFINE_integer("version", 1, "The version folder written in --export_dir (replaced if it exists).")
 flags.DEFINE_enum("precision", "float32", list(PRECISIONS),
-                  "The dtype policy the exported network computes in (auto: mixed_bfloat16 on a CPU with native "
-                  "bf16, mixed_float16 on a GPU, float32 elsewhere). The shipped models are float32.")
+                  f"The dtype policy the exported network computes in ({AUTO_PRECISION}). The shipped models are "
+                  "float32.")
 flags.DEFINE_enum("sampler", None, list(SAMPLERS), "The export's default sampler; default: the run's --export_sampler.")
 flags.DEFINE_integer("steps", None, "The export's default number of sampling steps; default: the run's "
-                     "--export_steps for its sampler, else the sampler's own (1000 ddpm, 50 ddim, 20 dpm++).")
+                     "--export_steps for its sampler, else the sampler's own (T ddpm, 50 ddim, 20 dpm++).")
 flags.DEFINE_float("eta", None, "The export's default eta in [0, 1]; default: the run's --export_eta.")
 flags.DEFINE_integer("max_batch_size", None, "Most seeds one request may hold; default: the run's --export_max_batch.")
 flags.DEFINE_boolean("traceback", False, "Show the full traceback on errors.")
@@ -39,7 +39,8 @@ def main(argv):
     with cli.script_main("export.py", argv, FLAGS.traceback):
         import pathlib
 
-        from keras_ddpm.export import clean_stale_exports, read_metadata
+        from keras_ddpm import files
+        from keras_ddpm.export import find_version_dir, read_metadata
         from keras_ddpm.precision import resolve_precision
         from keras_ddpm.runs import export_run, load_run, read_run_config
 
@@ -47,24 +48,26 @@ def main(argv):
         if (export_dir / "saved_model.pb").exists():
             raise ValueError(f"--export_dir={export_dir} is a version folder; give its parent, the base folder "
                              "that holds the numbered versions (TF Serving's model_base_path).")
+        if export_dir.exists() and not export_dir.is_dir():
+            raise NotADirectoryError(f"--export_dir={export_dir} is a file; give a folder.")
         model_config, train_config = read_run_config(run_dir)
         policy, _ = resolve_precision(FLAGS.precision)
         model, _ = load_run(run_dir, FLAGS.checkpoint_step, policy)
         step = model.metadata["training_steps"]
-        clean_stale_exports(export_dir)  # what a killed export left there
+        files.check_writable(export_dir)  # before the export's tracing, which takes a while
         version_dir = export_run(model, export_dir, model_config, train_config, step, FLAGS.version,
                                  sampler=FLAGS.sampler, steps=FLAGS.steps, eta=FLAGS.eta,
                                  max_batch_size=FLAGS.max_batch_size)
         metadata = read_metadata(version_dir)
         print(f"Wrote {version_dir}: ckpt-{step} of {run_dir}, {metadata['sampler']} with {metadata['steps']} steps "
               f"(eta {metadata['eta']:g}) by default, network in {metadata['dtype_policy']}.")
-        newer = sorted(int(path.name) for path in export_dir.iterdir() if path.name.isdigit()
-                       and int(path.name) > FLAGS.version)
-        if newer:
-            print(f"Note: {export_dir} also holds version {newer[-1]}, which TF Serving and sample.py "
+        served = find_version_dir(export_dir)
+        if served != version_dir:
+            print(f"Note: {export_dir} also holds version {served.name}, which TF Serving and sample.py "
                   f"--model={export_dir} use; sample this one with --model={version_dir}.")
         else:
             print(f"Try it: python sample.py --model={export_dir}")
+
 
 if __name__ == "__main__":
     sys.exit(app.run(main))

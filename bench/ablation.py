@@ -13,7 +13,8 @@ Arms (each is `train.py --flagfile=flags/celeba32_cpu.flags` plus `--base_flags`
     attention16     --attention_resolutions=16,8                     (global coherence at 16x16 and 8x8)
     min_snr         --loss_weighting=min_snr                         (min-SNR-5 weights with v, Hang et al. 2023; the
                                                                      recipe since it won Section 6.11: = baseline)
-    log_normal      --timestep_sampling=log_normal                   (EDM's noise levels, Karras et al. 2022)
+    log_normal      --timestep_sampling=log_normal                   (EDM's noise levels, Karras et al. 2022, on top of
+                                                                     the recipe's min-SNR-5 weights)
     edm             --timestep_sampling=log_normal --loss_weighting=none   (EDM's training: its noise levels with
                                                                      unweighted v, which is EDM's preconditioned loss)
     lr1e-3          --learning_rate=1e-3
@@ -42,6 +43,7 @@ seeds can be added later.
 """
 
 import argparse
+import hashlib
 import json
 import pathlib
 import shutil
@@ -224,8 +226,9 @@ def earlier_runs(summary_file: pathlib.Path, settings: dict) -> dict:
         return {}
     earlier = json.loads(summary_file.read_text())
     if any(earlier.get(key) != value for key, value in settings.items()):
-        sys.exit(f"{summary_file} holds runs of another budget or scoring ({ {k: earlier.get(k) for k in settings} });"
-                 " give a new --root.")
+        differences = {key: earlier.get(key) for key, value in settings.items() if earlier.get(key) != value}
+        sys.exit(f"{summary_file} holds runs of another budget, scoring or recipe (there: {differences}); give a new "
+                 "--root.")
     return earlier["runs"]
 
 
@@ -236,8 +239,11 @@ def main():
     root = args.root.expanduser()
     arm_of = {f"{arm}_s{seed}": (arm, seed) for seed in args.seeds for arm in args.arms}
     runs = {name: (train_command(arm, seed, root / name, args), root / name) for name, (arm, seed) in arm_of.items()}
+    # The recipe's text is part of what an arm means: "baseline" changed when the recipe took min-SNR weights.
+    recipe = hashlib.sha256(pathlib.Path(common.RECIPES["cpu"]).read_bytes()).hexdigest()[:12]
     settings = {"minutes": args.minutes, "pairs": args.pairs, "train_steps": args.train_steps,
-                "sampler": args.sampler, "steps": args.steps, "eta": args.eta, "num_images": args.num_images}
+                "sampler": args.sampler, "steps": args.steps, "eta": args.eta, "num_images": args.num_images,
+                "recipe_sha256": recipe, "base_flags": args.base_flags}
     summary = earlier_runs(root / "ablation.json", settings)
     spent_by_run = train_all(runs, args)
     for name, (arm, seed) in arm_of.items():

@@ -15,7 +15,7 @@ import typing
 from absl import app, flags
 from absl import logging as absl_logging
 
-from keras_ddpm.config import PRECISIONS, SAMPLERS, ModelConfig, TrainConfig
+from keras_ddpm.config import AUTO_PRECISION, PRECISIONS, SAMPLERS, ModelConfig, TrainConfig
 from keras_ddpm.errors import TrainingDiverged
 
 # Failures that come from the user's input (flags, files, data), as opposed to bugs. TensorFlow's
@@ -82,9 +82,9 @@ def define_model_flags(script_file: str, verb: str, flag_values: flags.FlagValue
     flags.DEFINE_integer("checkpoint_step", None, f"With a run directory: {verb} its checkpoint of this step, not the "
                          "newest.", flag_values=flag_values)
     flags.DEFINE_enum("precision", None, list(PRECISIONS),
-                      "A run directory's dtype policy for sampling (default float32; auto: mixed_bfloat16 on a CPU "
-                      "with native bf16, mixed_float16 on a GPU: faster, images a little different). A SavedModel "
-                      "samples in the policy it was exported with.", flag_values=flag_values)
+                      f"A run directory's dtype policy for sampling (default float32; {AUTO_PRECISION}: faster, "
+                      "images a little different). A SavedModel samples in the policy it was exported with.",
+                      flag_values=flag_values)
     flags.DEFINE_enum("sampler", None, list(SAMPLERS), "Sampler; default: the one the model was exported with (ddim "
                       "for a run directory).", flag_values=flag_values)
     flags.DEFINE_integer("steps", None, "Network evaluations per image; default: the export's for its own sampler, "

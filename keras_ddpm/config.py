@@ -23,6 +23,8 @@ LOSS_WEIGHTINGS = ("none", "min_snr")
 TIMESTEP_SAMPLINGS = ("uniform", "log_normal")
 SAMPLERS = ("ddpm", "ddim", "dpm++")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+AUTO_PRECISION = ("auto: mixed_float16 on a GPU, mixed_bfloat16 on a CPU with native bf16 (AMX-BF16 or AVX512_BF16), "
+                  "float32 elsewhere")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 
 
@@ -146,8 +148,7 @@ class TrainConfig:
         None, "Resume from checkpoints/ckpt-N (N = its step) instead of the newest; newer checkpoints are deleted.")
     # Hardware
     precision: str = setting(
-        "auto", "auto: mixed_float16 on a GPU, mixed_bfloat16 on a CPU with native bf16 (AMX-BF16 or AVX512_BF16), "
-        "float32 elsewhere.", PRECISIONS)
+        "auto", f"{AUTO_PRECISION}.", PRECISIONS)
     jit_compile: bool = setting(False, "Compile the train step with XLA (jit_compile).", flag="xla")
     strategy: str = setting("auto", "tf.distribute strategy.", STRATEGIES)
     # Run

@@ -55,7 +55,8 @@ def parse_metrics(names) -> tuple[str, ...]:
 def model_defaults(path) -> dict:
     """`dataset`, `data_dir`, `crop` and `image_shape` of a model, from a run's config.json or a SavedModel's metadata.
 
-    Reads JSON only (no model is loaded); returns what it finds, an empty dict for anything else.
+    Reads JSON only (no model is loaded); returns what it finds, an empty dict for a folder that is neither. A
+    run whose config.json cannot be read raises ValueError (see `runs.read_run_config`).
     """
     path = pathlib.Path(path)
     if (path / "config.json").is_file():
@@ -332,9 +333,8 @@ def _draw_samples(generator, num_images, sampler, steps, eta, seed, batch_size, 
     """`num_images` samples from seeds `seed, seed + 1, ...` (classes in turn for a conditional model), and how."""
     sampler, steps, eta = sampling_defaults(generator, sampler, steps, eta)
     labels = np.arange(num_images) % generator.num_classes if generator.num_classes else None
-    _say(verbose, f"Sampling {num_images} images ({sampler}, {steps} steps)")
     samples = generate_in_batches(generator, num_images, batch_size, seed, verbose, sampler=sampler, steps=steps,
-                                  eta=eta, labels=labels)
+                                  eta=eta, labels=labels)  # says how it samples when verbose
     made = {"source": "generated", "num_images": len(samples), "sampler": sampler, "steps": steps, "eta": eta,
             "seeds": [seed, seed + num_images - 1]}
     return samples, made

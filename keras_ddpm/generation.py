@@ -90,7 +90,7 @@ def resolve_sampling(defaults: dict, num_timesteps: int, sampler=None, steps=Non
     The default steps are `defaults["steps"]` only for the default sampler (20 DPM-Solver++ steps say nothing
     about DDPM); another sampler takes its own (`samplers.default_steps`). The default eta holds for any sampler.
     """
-    sampler = sampler or defaults["sampler"]
+    sampler = samplers.check_sampler(sampler or defaults["sampler"])
     if steps is None:
         own_steps = defaults.get("steps") if sampler == defaults["sampler"] else None
         steps = own_steps or samplers.default_steps(sampler, num_timesteps)
@@ -100,8 +100,6 @@ def resolve_sampling(defaults: dict, num_timesteps: int, sampler=None, steps=Non
 def check_request(generator: Generator, num_images=None, seed=0, seeds=None, steps=None, sampler=None, eta=None,
                   spacing=None, labels=None, guidance=1.0) -> Request:
     """Validate the arguments of a `generate()` call (see `DiffusionModel.generate` for each) into a `Request`."""
-    if sampler not in (None, *samplers.SAMPLERS):
-        raise ValueError(f"Unknown sampler {sampler!r}; choose one of {samplers.SAMPLERS}.")
     sampler, steps, eta = sampling_defaults(generator, sampler, steps, eta)
     num_timesteps, num_classes = generator.schedule.num_timesteps, generator.num_classes
     if seeds is None:

@@ -54,9 +54,16 @@ DEFAULT_SPACING = {"ddpm": "uniform", "ddim": "uniform", "dpm++": "logsnr"}
 Denoiser = Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
 
 
+def check_sampler(sampler) -> SamplerName:
+    """`sampler` if it names one of `SAMPLERS`, else a ValueError that lists them."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"Unknown sampler {sampler!r}; choose one of {SAMPLERS}.")
+    return sampler
+
+
 def default_steps(sampler: SamplerName, num_timesteps: int) -> int:
     """Network evaluations when none are asked for: all T for DDPM, 50 for DDIM, 20 for DPM-Solver++."""
-    return {"ddpm": num_timesteps, "ddim": 50, "dpm++": 20}[sampler]
+    return {"ddpm": num_timesteps, "ddim": 50, "dpm++": 20}[check_sampler(sampler)]
 
 
 def make_denoiser(network_output, schedule, objective, labels=None, null_label=None, guidance=1.0,
@@ -226,8 +233,7 @@ def sample(
     Returns:
         Images float32 [B, H, W, C] (and the trajectory when asked).
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"Unknown sampler {sampler!r}; choose one of {SAMPLERS}.")
+    check_sampler(sampler)
     timesteps = sampling_timesteps(schedule, num_steps, spacing or DEFAULT_SPACING[sampler])
     num_steps = tf.shape(timesteps)[0]
     batch_size = tf.shape(seeds)[0]

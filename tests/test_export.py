@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 
 import keras
 import numpy as np
@@ -304,15 +305,31 @@ def test_failed_export_leaves_the_previous_version_intact(model, export_dir, tmp
         export_savedmodel(model, tmp_path / "savedmodel", version=1, steps=2)
     monkeypatch.undo()
 
-    assert sorted(os.listdir(tmp_path / "savedmodel")) == ["1"], "no staging or retired folders left behind"
+    leftovers = sorted(os.listdir(tmp_path / "savedmodel"))
+    assert leftovers == [export.LOCK_FILE, "1"], "no staging or retired folders left behind"
     assert tree_digest(tmp_path / "savedmodel" / "1") == previous
     saved_model, metadata = load_savedmodel(tmp_path / "savedmodel")
     assert metadata["steps"] == EXPORT_STEPS
     assert saved_model.signatures["serving_default"](seed=tf.constant([1], tf.int64))["images"].shape == (1, 16, 16, 3)
 
     export_savedmodel(model, tmp_path / "savedmodel", version=1, steps=2)
-    assert sorted(os.listdir(tmp_path / "savedmodel")) == ["1"]
+    assert sorted(os.listdir(tmp_path / "savedmodel")) == [export.LOCK_FILE, "1"]
     assert export.read_metadata(tmp_path / "savedmodel" / "1")["steps"] == 2
+
+
+def test_clean_up_waits_for_an_export_that_holds_the_folder(tmp_path):
+    """Leftovers are removed only under the export lock, so a running export's staging folder is never taken."""
+    fcntl = pytest.importorskip("fcntl")
+    staging = tmp_path / ".1.partial-1234abcd"
+    staging.mkdir()
+    with open(tmp_path / export.LOCK_FILE, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as export_savedmodel holds it while it writes `staging`
+        cleaner = threading.Thread(target=export.clean_stale_exports, args=[tmp_path])
+        cleaner.start()
+        cleaner.join(timeout=1.0)
+        assert cleaner.is_alive() and staging.exists()
+    cleaner.join(timeout=10.0)  # the lock is released: now the staging folder is a leftover
+    assert not cleaner.is_alive() and not staging.exists()
 
 
 def test_load_picks_the_highest_version_and_rejects_other_folders(export_dir, tmp_path):

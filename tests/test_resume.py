@@ -116,12 +116,14 @@ def test_a_run_config_of_another_version_still_reads(tmp_path, caplog):
     run_with_checkpoints(tmp_path)
     config = read_json(tmp_path / "config.json")
     del config["train"]["export_max_batch"]
+    config["train"]["export_steps"] = 7  # a setting the run made, not a default
     config["train"]["retired_setting"] = 1
     write_json(tmp_path / "config.json", config)
     with caplog.at_level(logging.WARNING):
         model_config, train_config = read_run_config(tmp_path)
     assert "retired_setting" in caplog.text
     assert model_config == TINY and train_config.export_max_batch == TrainConfig().export_max_batch
+    assert (train_config.dataset, train_config.export_steps) == ("synthetic", 7)
     assert load_run(tmp_path)[0].metadata["training_steps"] == 3
 
     config["model"]["wings"] = 2  # a model this version cannot build must not be read as another one
@@ -187,7 +189,7 @@ def test_leftovers_of_killed_saves_and_exports_are_cleaned(tmp_path):
     assert sorted(path.name for path in checkpoints.iterdir()) == [
         "checkpoint", *[f"ckpt-{step}.{suffix}" for step in (1, 2, 3) for suffix in ("data-00000-of-00001", "index")]
     ]
-    assert sorted(path.name for path in exports.iterdir()) == ["2", "3"]
+    assert sorted(path.name for path in exports.iterdir()) == [".export.lock", "2", "3"]
 
 
 def test_a_rerun_with_other_steps_per_epoch_counts_steps_exactly(tmp_path):

@@ -79,7 +79,7 @@ def test_export_py_exports_the_checkpoint_asked_for(smoke_run, tmp_path):
                         "--steps=4")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Sharding callback" not in result.stderr  # TensorFlow's INFO chatter stays out
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["1"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".export.lock", "1"]
     metadata = read_metadata(tmp_path / "1")
     assert (metadata["training_steps"], metadata["sampler"], metadata["steps"]) == (20, "ddim", 4)  # the run's ddim
     assert metadata["dtype_policy"] == "float32" and metadata["model_config"]["width"] == 16
@@ -90,6 +90,27 @@ def test_export_py_exports_the_checkpoint_asked_for(smoke_run, tmp_path):
     newest, _ = load_run(smoke_run)
     assert np.array_equal(exported, at_step_20.generate(**request))
     assert not np.array_equal(exported, newest.generate(**request))
+
+
+@pytest.mark.slow  # three export.py processes
+def test_export_py_cleans_leftovers_points_at_the_served_version_and_fails_cleanly(smoke_run, tmp_path):
+    from keras_ddpm.export import read_metadata
+
+    (tmp_path / ".1.partial-0badc0de" / "variables").mkdir(parents=True)  # what a killed export leaves
+    (tmp_path / "5").mkdir()
+    (tmp_path / "5" / "saved_model.pb").write_bytes(b"a newer version, which TF Serving serves")
+    result = run_script("export.py", f"--model={smoke_run}", f"--export_dir={tmp_path}", "--steps=4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".export.lock", "1", "5"]
+    assert read_metadata(tmp_path / "1")["training_steps"] == 40
+    assert "also holds version 5, which TF Serving" in result.stdout
+
+    for args, message in [([f"--export_dir={tmp_path / '1'}"], "is a version folder"),
+                          ([f"--export_dir={tmp_path / 'new'}", "--steps=100000"], "steps must be in [1, 100]")]:
+        result = run_script("export.py", f"--model={smoke_run}", *args)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert message in result.stderr
+    assert not list(tmp_path.rglob("*.partial*")) and not (tmp_path / "new" / "1").exists()  # nothing half-written
 
 
 @pytest.mark.slow  # three train.py runs; bench/fault_injection.py does ten kills
