@@ -126,3 +126,21 @@ def test_the_library_constructors_default_to_the_model_config():
             if field.name not in CONSTRUCTOR_EXCEPTIONS:
                 assert parameter.default == getattr(defaults, field.name), (function.__qualname__, field.name)
     assert {"ema_decay", "min_snr_gamma", "beta_start", "beta_end", "norm_groups", "label_dropout"} <= checked
+
+
+def test_quiet_logs_silences_absl_info_unless_verbosity_was_asked_for(monkeypatch):
+    from absl import flags
+    from absl import logging as absl_logging
+
+    before = absl_logging.get_verbosity()
+    monkeypatch.setattr(flags.FLAGS["verbosity"], "present", 0)
+    absl_logging.set_verbosity(absl_logging.INFO)
+    try:
+        cli.quiet_logs()
+        assert absl_logging.get_verbosity() == absl_logging.WARNING
+        monkeypatch.setattr(flags.FLAGS["verbosity"], "present", 1)  # as after --verbosity=1
+        absl_logging.set_verbosity(absl_logging.DEBUG)
+        cli.quiet_logs()
+        assert absl_logging.get_verbosity() == absl_logging.DEBUG
+    finally:
+        absl_logging.set_verbosity(before)
