@@ -48,12 +48,12 @@ flags.DEFINE_boolean("traceback", False, "Show the full traceback on errors.")
 def main(argv):
     with cli.script_main("evaluate.py", argv, FLAGS.traceback):
         from keras_ddpm import evaluation
-        from keras_ddpm.files import check_writable, write_json
+        from keras_ddpm.files import check_output_file, write_json
 
         metrics = evaluation.parse_metrics(FLAGS.metrics)
         model = FLAGS.model or None
         output_json = FLAGS.output_json or evaluation.default_output_path(model, FLAGS.checkpoint_step)
-        check_writable(os.path.dirname(os.path.abspath(output_json)))
+        check_output_file(output_json)
         samples = evaluation.load_samples_npz(FLAGS.samples_npz) if FLAGS.samples_npz else None
         if samples is not None and "nll" not in metrics and not os.path.exists(FLAGS.model):
             model = None  # scoring given samples needs no model

@@ -54,7 +54,7 @@ def main(argv):
         policy, _ = resolve_precision(FLAGS.precision)
         model, _ = load_run(run_dir, FLAGS.checkpoint_step, policy)
         step = model.metadata["training_steps"]
-        files.check_writable(export_dir)  # before the export's tracing, which takes a while
+        files.check_writable(export_dir, create=False)  # before the export's tracing, which takes a while
         version_dir = export_run(model, export_dir, model_config, train_config, step, FLAGS.version,
                                  sampler=FLAGS.sampler, steps=FLAGS.steps, eta=FLAGS.eta,
                                  max_batch_size=FLAGS.max_batch_size)

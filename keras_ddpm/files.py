@@ -62,12 +62,20 @@ def save_npz(path, **arrays) -> pathlib.Path:
     return pathlib.Path(path)
 
 
-def check_writable(folder) -> pathlib.Path:
-    """Create `folder` if needed and make sure we can write there, before any long work starts."""
+def check_writable(folder, create: bool = True) -> pathlib.Path:
+    """Make sure `folder` can be written to, before any long work starts; create it unless `create` is False.
+
+    With `create=False` nothing is left behind when the work fails later: the probe goes into the nearest folder
+    that exists, where the writer would create `folder`.
+    """
     folder = pathlib.Path(folder)
+    existing = folder
+    while not create and not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write_test"
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        probe = existing / f".write_test-{uuid.uuid4().hex[:8]}"
         probe.write_text("")
         probe.unlink()
     except OSError as error:
@@ -76,9 +84,10 @@ def check_writable(folder) -> pathlib.Path:
 
 
 def check_output_file(path) -> pathlib.Path:
-    """`check_writable` for a file about to be written: it must not be a folder, and its folder must be writable."""
+    """`check_writable` for a file about to be written: it must not be a folder, and its folder must be writable
+    (it is created with the file, so a run that fails first leaves no empty folder)."""
     path = pathlib.Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give the path of a file to write, e.g. {path / 'grid.png'}.")
-    check_writable(path.parent)
+    check_writable(path.parent, create=False)
     return path

@@ -110,7 +110,7 @@ def test_export_py_cleans_leftovers_points_at_the_served_version_and_fails_clean
         result = run_script("export.py", f"--model={smoke_run}", *args)
         assert result.returncode == 1 and "Traceback" not in result.stderr
         assert message in result.stderr
-    assert not list(tmp_path.rglob("*.partial*")) and not (tmp_path / "new" / "1").exists()  # nothing half-written
+    assert not list(tmp_path.rglob("*.partial*")) and not (tmp_path / "new").exists()  # nothing half-written
 
 
 @pytest.mark.slow  # three train.py runs; bench/fault_injection.py does ten kills
@@ -219,8 +219,8 @@ def test_mirrored_strategy_matches_one_device():
         ("train.py", ["--flagfile=flags/smoke.flags", "--dataset=celeba", "--data_dir=/nonexistent/celeba",
                       "--output_dir={tmp}/run"], "celeba"),
         ("train.py", ["--flagfile=flags/smoke.flags", "--output_dir=/proc/forbidden"], "Cannot write"),
-        ("sample.py", ["--model=/nonexistent/model"], "No model at"),
-        ("sample.py", ["--model=tests"], "not a SavedModel"),
+        ("sample.py", ["--model=/nonexistent/model", "--output={tmp}/new/grid.png"], "No model at"),
+        ("sample.py", ["--model=tests", "--output={tmp}/new/grid.png"], "not a SavedModel"),
         ("train.py", ["--flagfile=flags/smoke.flags", "--steps_per_epoch=0", "--output_dir={tmp}/run"],
          "steps_per_epoch must be at least 1"),
         ("sample.py", ["--output={tmp}"], "is a folder"),
@@ -233,7 +233,20 @@ def test_errors_are_one_clear_line_and_a_failing_exit_code(script, args, message
     assert message.lower() in result.stderr.lower()
     assert "Traceback" not in result.stderr
     assert not list(tmp_path.rglob("config.json")) and not list(tmp_path.rglob("*.partial*"))  # nothing half-written
-    assert not list(tmp_path.rglob("saved_model.pb"))
+    assert not list(tmp_path.rglob("saved_model.pb")) and not (tmp_path / "new").exists()
+
+
+def test_output_checks_create_nothing_for_a_run_that_may_fail(tmp_path):
+    from keras_ddpm.files import check_output_file, check_writable
+
+    assert check_output_file(tmp_path / "new" / "deeper" / "grid.png") == tmp_path / "new" / "deeper" / "grid.png"
+    assert check_writable(tmp_path / "export", create=False) == tmp_path / "export"
+    assert not any(tmp_path.iterdir())  # not even the probe
+    (tmp_path / "file").write_text("")
+    with pytest.raises(PermissionError, match="Cannot write to"):
+        check_output_file(tmp_path / "file" / "grid.png")
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        check_output_file(tmp_path)
 
 
 def test_bad_counts_and_options_are_clear_errors():
