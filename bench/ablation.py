@@ -239,8 +239,10 @@ def main():
     root = args.root.expanduser()
     arm_of = {f"{arm}_s{seed}": (arm, seed) for seed in args.seeds for arm in args.arms}
     runs = {name: (train_command(arm, seed, root / name, args), root / name) for name, (arm, seed) in arm_of.items()}
-    # The recipe's text is part of what an arm means: "baseline" changed when the recipe took min-SNR weights.
-    recipe = hashlib.sha256(pathlib.Path(common.RECIPES["cpu"]).read_bytes()).hexdigest()[:12]
+    # The recipe's flags are part of what an arm means: "baseline" changed when the recipe took min-SNR weights.
+    recipe_flags = [line for line in pathlib.Path(common.RECIPES["cpu"]).read_text().splitlines()
+                    if line.startswith("--")]  # comments may change without changing the recipe
+    recipe = hashlib.sha256("\n".join(recipe_flags).encode()).hexdigest()[:12]
     settings = {"minutes": args.minutes, "pairs": args.pairs, "train_steps": args.train_steps,
                 "sampler": args.sampler, "steps": args.steps, "eta": args.eta, "num_images": args.num_images,
                 "recipe_sha256": recipe, "base_flags": args.base_flags}

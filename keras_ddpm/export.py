@@ -35,13 +35,14 @@ The export is atomic: it is written to a hidden staging folder next to the versi
 TF Serving only looks at all-digit names), then renamed into place. A failed export leaves no version
 folder behind, and a re-export of an existing version replaces it only once the new one is complete. An
 export killed outright (SIGKILL) leaves its staging folder, which the next export into the folder removes. Exports
-into one base folder take turns (a lock file, `.export.lock`), so the leftovers an export finds are never those of
-one still running.
+into one base folder take turns (`flock` on the file `.export.lock`, where the OS has it: not on Windows), so the
+leftovers an export finds are never those of one still running; without the lock, leftovers are left alone.
 """
 
 import contextlib
 import datetime
 import json
+import logging
 import numbers
 import os
 import pathlib
@@ -65,6 +66,8 @@ METADATA_FORMAT = "keras_ddpm.savedmodel"
 METADATA_FORMAT_VERSION = 1
 METADATA_PATH = pathlib.PurePath("assets.extra", "keras_ddpm.json")
 LOCK_FILE = ".export.lock"  # in the base folder; TF Serving ignores names that are not all digits
+
+logger = logging.getLogger(__name__)
 # Seeds (or x_t images) per request. The sampling loop holds the whole batch for every step, so time and memory
 # grow linearly with it: 1,000 seeds of the shipped 32x32 model took 4 minutes and 2.9 GiB on a 2-core CPU, while
 # 64 (sample.py's batch) add about 0.1 GiB to the 1 GiB a loaded export holds.
@@ -124,8 +127,9 @@ def export_savedmodel(
 
     export_dir = pathlib.Path(export_dir)
     export_dir.mkdir(parents=True, exist_ok=True)
-    with _export_lock(export_dir):
-        _remove_leftovers(export_dir)
+    with _export_lock(export_dir) as locked:
+        if locked:  # else another export may be writing what looks like a leftover
+            _remove_leftovers(export_dir)
         staging = export_dir / f".{version}.partial-{uuid.uuid4().hex[:8]}"
         staging.mkdir()  # not tempfile.mkdtemp: its mode 0700 would hide the model from a TF Serving user
         try:
@@ -191,35 +195,60 @@ def clean_stale_exports(export_dir) -> None:
     """Remove the staging folders of exports that were killed, and put back a version killed while replaced.
 
     Waits for an export into `export_dir` that is running; `export_savedmodel` does the same before it writes.
+    Where no lock can be had, nothing is removed.
     """
     export_dir = pathlib.Path(export_dir)
-    if export_dir.is_dir():
-        with _export_lock(export_dir):
+    if not any(_leftovers(export_dir)):  # the common case; needs no lock, nor write access to take one
+        return
+    with _export_lock(export_dir) as locked:
+        if locked:
             _remove_leftovers(export_dir)
 
 
 @contextlib.contextmanager
 def _export_lock(export_dir: pathlib.Path):
-    """Hold `<export_dir>/.export.lock` for the block: one export (or clean-up) at a time in a base folder.
+    """Hold `<export_dir>/.export.lock` for the block (yields True): one export or clean-up at a time in a folder.
 
-    An advisory `flock`, released by the kernel when its holder dies, so a killed export never blocks the next.
+    An advisory `flock`, which the kernel releases when its holder dies, so a killed export never blocks the next.
+    Yields False where no lock can be had (Windows; a file system without `flock`): the caller then leaves other
+    exports' files alone.
     """
-    with open(export_dir / LOCK_FILE, "a") as lock:
-        if fcntl is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        yield  # closing the file releases the lock
+    if fcntl is None:
+        yield False
+        return
+    descriptor = os.open(export_dir / LOCK_FILE, os.O_RDONLY | os.O_CREAT, 0o666)  # flock needs no write access
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except BlockingIOError:
+            logger.info("Waiting for another export into %s to finish.", export_dir)
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            locked = True
+        except OSError as error:
+            logger.warning("Cannot lock %s (%s): exporting without removing leftovers of killed exports.",
+                           export_dir / LOCK_FILE, error.strerror)
+            locked = False
+        yield locked
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
+def _leftovers(export_dir: pathlib.Path) -> list[pathlib.Path]:
+    """The staging folders of killed exports, and old versions a killed `_publish` left renamed aside."""
+    if not export_dir.is_dir():
+        return []
+    return sorted(export_dir.glob(".*.replaced-*")) + sorted(export_dir.glob(".*.partial-*"))
 
 
 def _remove_leftovers(export_dir: pathlib.Path) -> None:
     """What killed exports left in `export_dir`; the caller holds the export lock, so none of it is being written."""
-    for stale in sorted(export_dir.glob(".*.replaced-*")):  # `_publish` was killed between its two renames
+    for stale in _leftovers(export_dir):
         version = export_dir / stale.name[1:].split(".replaced-")[0]
-        if not version.exists():
+        if ".replaced-" in stale.name and not version.exists():  # `_publish` was killed between its two renames
             os.rename(stale, version)
         else:
             shutil.rmtree(stale, ignore_errors=True)
-    for stale in export_dir.glob(".*.partial-*"):
-        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _publish(staging: pathlib.Path, target: pathlib.Path) -> pathlib.Path:

@@ -240,7 +240,7 @@ def generate_in_batches(generator: Generator, num_images: int, batch_size: int =
         sampler, steps, eta = sampling_defaults(generator, options.get("sampler"), options.get("steps"),
                                                 options.get("eta"))
         print(f"Sampling {num_images} images: {sampler}, {steps} network calls each, eta {eta:g}, "
-              f"in batches of {batch_size}.")
+              f"in batches of {batch_size}.", flush=True)
         progress = keras.utils.Progbar(num_images, unit_name="image")
     labels = options.pop("labels", None)
     if labels is not None:

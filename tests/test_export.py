@@ -332,6 +332,16 @@ def test_clean_up_waits_for_an_export_that_holds_the_folder(tmp_path):
     assert not cleaner.is_alive() and not staging.exists()
 
 
+def test_clean_up_needs_no_lock_without_leftovers_and_keeps_them_without_one(tmp_path, monkeypatch):
+    export.clean_stale_exports(tmp_path)  # nothing to do: no lock taken, so a read-only folder would do too
+    assert not any(tmp_path.iterdir())
+    staging = tmp_path / ".1.partial-1234abcd"
+    staging.mkdir()
+    monkeypatch.setattr(export, "fcntl", None)  # as on Windows: no lock, so it may be a running export's folder
+    export.clean_stale_exports(tmp_path)
+    assert staging.exists()
+
+
 def test_load_picks_the_highest_version_and_rejects_other_folders(export_dir, tmp_path):
     for version in ["2", "10"]:
         shutil.copytree(export_dir / "1", tmp_path / "models" / version)

@@ -239,14 +239,17 @@ def test_errors_are_one_clear_line_and_a_failing_exit_code(script, args, message
 def test_output_checks_create_nothing_for_a_run_that_may_fail(tmp_path):
     from keras_ddpm.files import check_output_file, check_writable
 
-    assert check_output_file(tmp_path / "new" / "deeper" / "grid.png") == tmp_path / "new" / "deeper" / "grid.png"
-    assert check_writable(tmp_path / "export", create=False) == tmp_path / "export"
+    check_output_file(tmp_path / "new" / "deeper" / "grid.png")
+    check_writable(tmp_path / "export", create=False)
     assert not any(tmp_path.iterdir())  # not even the probe
     (tmp_path / "file").write_text("")
     with pytest.raises(PermissionError, match="Cannot write to"):
         check_output_file(tmp_path / "file" / "grid.png")
     with pytest.raises(IsADirectoryError, match="is a folder"):
         check_output_file(tmp_path)
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")  # the writer could not create a folder here
+    with pytest.raises(PermissionError, match="Cannot write to"):
+        check_output_file(tmp_path / "dangling" / "grid.png")
 
 
 def test_bad_counts_and_options_are_clear_errors():
