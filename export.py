@@ -48,13 +48,11 @@ def main(argv):
         if (export_dir / "saved_model.pb").exists():
             raise ValueError(f"--export_dir={export_dir} is a version folder; give its parent, the base folder "
                              "that holds the numbered versions (TF Serving's model_base_path).")
-        if export_dir.exists() and not export_dir.is_dir():
-            raise NotADirectoryError(f"--export_dir={export_dir} is a file; give a folder.")
+        files.check_writable(export_dir, create=False)  # before loading and tracing, which take a while
         model_config, train_config = read_run_config(run_dir)
         policy, _ = resolve_precision(FLAGS.precision)
         model, _ = load_run(run_dir, FLAGS.checkpoint_step, policy)
         step = model.metadata["training_steps"]
-        files.check_writable(export_dir, create=False)  # before the export's tracing, which takes a while
         version_dir = export_run(model, export_dir, model_config, train_config, step, FLAGS.version,
                                  sampler=FLAGS.sampler, steps=FLAGS.steps, eta=FLAGS.eta,
                                  max_batch_size=FLAGS.max_batch_size)

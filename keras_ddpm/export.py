@@ -244,9 +244,9 @@ def _leftovers(export_dir: pathlib.Path) -> list[pathlib.Path]:
 def _remove_leftovers(export_dir: pathlib.Path) -> None:
     """What killed exports left in `export_dir`; the caller holds the export lock, so none of it is being written."""
     for stale in _leftovers(export_dir):
-        version = export_dir / stale.name[1:].split(".replaced-")[0]
-        if ".replaced-" in stale.name and not version.exists():  # `_publish` was killed between its two renames
-            os.rename(stale, version)
+        version, replaced, _ = stale.name[1:].partition(".replaced-")
+        if replaced and not (export_dir / version).exists():  # `_publish` was killed between its two renames
+            os.rename(stale, export_dir / version)
         else:
             shutil.rmtree(stale, ignore_errors=True)
 

@@ -71,11 +71,11 @@ def check_writable(folder, create: bool = True) -> pathlib.Path:
     folder = pathlib.Path(folder)
     existing = folder
     try:
-        # A dangling symlink counts as existing: the writer could not create a folder there, nor can the probe.
-        while not create and not (existing.exists() or existing.is_symlink()) and existing != existing.parent:
-            existing = existing.parent
         if create:
             folder.mkdir(parents=True, exist_ok=True)
+        # A dangling symlink counts as existing: the writer could not create a folder there, nor can the probe.
+        while not (existing.exists() or existing.is_symlink()) and existing != existing.parent:
+            existing = existing.parent
         probe = existing / f".write_test-{uuid.uuid4().hex[:8]}"
         probe.write_text("")
         probe.unlink()

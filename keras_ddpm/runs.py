@@ -248,9 +248,6 @@ def trim_log(log_path, last_step: int) -> None:
         log_path.unlink()
 
 
-_WARNED_CONFIGS = set()
-
-
 def read_run_config(output_dir) -> tuple[ModelConfig, TrainConfig]:
     """The model and training configs a run directory was trained with (its config.json).
 
@@ -265,8 +262,7 @@ def read_run_config(output_dir) -> tuple[ModelConfig, TrainConfig]:
     config = files.read_json(config_path)
     train_values = config.get("train", {})
     unknown = sorted(set(train_values) - {field.name for field in dataclasses.fields(TrainConfig)})
-    if unknown and config_path not in _WARNED_CONFIGS:  # once: evaluate.py and a resume read it several times
-        _WARNED_CONFIGS.add(config_path)
+    if unknown:
         logger.warning("%s: ignoring training settings this version does not know: %s.", config_path, unknown)
     try:
         return ModelConfig.from_dict(config["model"]), TrainConfig.from_dict(
