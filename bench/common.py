@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts: the recipe models, timing and peak memory.
+"""Helpers shared by the benchmark scripts: the recipe models, sample scoring, timing and peak memory.
 
 The recipes' flagfiles are read through train.py's own flag definitions (`keras_ddpm.cli`), so a benchmark
 builds exactly the model that `python train.py --flagfile=...` trains.
@@ -62,3 +62,31 @@ def steal_seconds() -> float:
 def peak_rss_mb() -> float:
     """The process's peak resident memory so far, in MiB (ru_maxrss is in KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def held_out_faces(size: int, num_images: int, data_dir=None):
+    """`num_images` held-out CelebA faces (the `validation` split) at `size`, and their face embedding."""
+    from keras_ddpm.data import load_images
+    from keras_ddpm.metrics import face
+
+    held_out = load_images("celeba", "validation", size, num_images, data_dir=data_dir)
+    return held_out, face.embed_faces(held_out)
+
+
+def score_samples(samples, held_out, held_out_embedding) -> dict:
+    """SWD (x1e3, `swd_mean`) and the face metric (`face_rate`, `face_fd`, `face_landmark_fd`) of `samples`
+    against held-out faces; scored on as many training faces, it is the real-vs-real floor."""
+    from keras_ddpm import metrics
+    from keras_ddpm.metrics import face
+
+    embedding = face.embed_faces(samples)
+    return {"swd_mean": metrics.sliced_wasserstein_distance(samples, held_out)["swd_mean"],
+            "face_rate": float(embedding.found.mean()), **face.compare_embeddings(embedding, held_out_embedding)}
+
+
+def floor_scores(held_out, held_out_embedding, data_dir=None) -> dict:
+    """`score_samples` of as many training faces as there are held-out ones: what a perfect model would score."""
+    from keras_ddpm.data import load_images
+
+    train = load_images("celeba", "train", held_out.shape[1], len(held_out), data_dir=data_dir)
+    return score_samples(train, held_out, held_out_embedding)

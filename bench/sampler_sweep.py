@@ -31,9 +31,7 @@ import time
 
 import common  # noqa: F401  (puts the repository on sys.path)
 
-from keras_ddpm import metrics, plots
-from keras_ddpm.data import load_images
-from keras_ddpm.metrics import face as face_metric
+from keras_ddpm import plots
 from keras_ddpm.generation import generate_in_batches
 from keras_ddpm.runs import load_generator
 
@@ -93,15 +91,11 @@ def main():
     args = parser.parse_args()
 
     generator = load_generator(args.model)
-    size, channels = generator.image_shape[0], generator.image_shape[2]
-    held_out = load_images("celeba", "validation", size, args.num_images, data_dir=args.data_dir, channels=channels)
-    train = load_images("celeba", "train", size, len(held_out), data_dir=args.data_dir, channels=channels)
-    floor = metrics.sliced_wasserstein_distance(train, held_out)["swd_mean"]
-    held_out_faces = face_metric.embed_faces(held_out)
-    face_floor = face_metric.compare_embeddings(face_metric.embed_faces(train), held_out_faces)
-    print(f"num_images {len(held_out)}\nfloor_swd_mean {floor:.2f}\nfloor_face_fd {face_floor['face_fd']:.3f}\n"
-          f"floor_face_landmark_fd {face_floor['face_landmark_fd']:.4f}\n"
-          f"held_out_face_rate {held_out_faces.found.mean():.3f}", flush=True)
+    held_out, held_out_embedding = common.held_out_faces(generator.image_shape[0], args.num_images, args.data_dir)
+    floor = common.floor_scores(held_out, held_out_embedding, args.data_dir)
+    print(f"num_images {len(held_out)}\nfloor_swd_mean {floor['swd_mean']:.2f}\nfloor_face_fd {floor['face_fd']:.3f}\n"
+          f"floor_face_landmark_fd {floor['face_landmark_fd']:.4f}\n"
+          f"held_out_face_rate {held_out_embedding.found.mean():.3f}", flush=True)
 
     results, face_results = {}, {}
     for sampler, steps, eta in args.runs:
@@ -109,22 +103,20 @@ def main():
         samples = generate_in_batches(generator, len(held_out), args.batch_size, seed=0, verbose=False,
                                       sampler=sampler, steps=steps, eta=eta)
         seconds = time.perf_counter() - start
-        swd = metrics.sliced_wasserstein_distance(samples, held_out)["swd_mean"]
-        results[sampler, steps, eta] = swd
-        name = run_name(sampler, steps, eta)
-        faces = face_metric.embed_faces(samples)
-        face = {"face_rate": float(faces.found.mean()), **face_metric.compare_embeddings(faces, held_out_faces)}
+        face = common.score_samples(samples, held_out, held_out_embedding)
+        swd = results[sampler, steps, eta] = face.pop("swd_mean")
         face_results[sampler, steps, eta] = face
-        print(f"{name}_swd_mean {swd:.2f}\n{name}_vs_floor {swd / floor:.2f}\n{name}_face_rate {face['face_rate']:.3f}\n"
-              f"{name}_face_fd {face['face_fd']:.3f}\n{name}_face_landmark_fd {face['face_landmark_fd']:.4f}\n"
-              f"{name}_seconds {seconds:.0f}", flush=True)
+        name = run_name(sampler, steps, eta)
+        print(f"{name}_swd_mean {swd:.2f}\n{name}_vs_floor {swd / floor['swd_mean']:.2f}\n"
+              f"{name}_face_rate {face['face_rate']:.3f}\n{name}_face_fd {face['face_fd']:.3f}\n"
+              f"{name}_face_landmark_fd {face['face_landmark_fd']:.4f}\n{name}_seconds {seconds:.0f}", flush=True)
         if args.grid_dir:
             plots.save_image_grid(args.grid_dir / f"{name}.png", samples[:64])
         if args.plot:  # redrawn after every run, so a long sweep shows its progress
-            plot_sweep(results, floor, args.plot)
+            plot_sweep(results, floor["swd_mean"], args.plot)
     if args.json:
         args.json.write_text(json.dumps({
-            "model": args.model, "num_images": len(held_out), "floor": floor, "face_floor": face_floor,
+            "model": args.model, "num_images": len(held_out), "floor": floor["swd_mean"], "face_floor": floor,
             "runs": [{"sampler": sampler, "steps": steps, "eta": eta, "swd_mean": swd, **face_results[sampler, steps, eta]}
                      for (sampler, steps, eta), swd in results.items()]}, indent=1) + "\n")
     if ("dpm++", 20, 0.0) in results and ("ddpm", 1000, 0.0) in results:

@@ -1,0 +1,112 @@
+"""Autoguidance: guide a run's model with a weaker checkpoint of itself, and see whether fewer faces break.
+
+    python bench/autoguidance.py --model=$HOME/runs/celeba64_minsnr --checkpoint_step=6000 \
+        --guide_model=$HOME/runs/celeba64_early --guide_checkpoint_step=2000 --guidance 1 2 3 \
+        --grid_dir=$HOME/runs/autoguidance [--num_images=512 --data_dir=../shared/data/celeba]
+
+Karras et al. (2024, "Guiding a Diffusion Model with a Bad Version of Itself", Eq. 2) guide a denoiser D1 with a
+weaker one D0 of the same task, instead of with an unconditional model:
+
+    D_w(x; t) = D0(x; t) + w (D1(x; t) - D0(x; t)),
+
+w = 1 being D1 alone. Both our objectives make x0_hat an affine function of the network output whose x_t term does
+not depend on the network, so guiding the raw outputs (epsilon or v) guides D exactly. Each step costs two
+network calls.
+
+Each guidance scale draws `--num_images` samples from the seeds 0, 1, ... with the model's sampler (DPM-Solver++-20
+unless --sampler/--steps), keeps the first 64 as <grid_dir>/guidance_<w>.png and, from 128 images on, scores them
+against as many held-out faces. Prints `key value` lines:
+
+    floor_swd_mean, floor_face_fd, floor_face_landmark_fd   as many training faces against the held-out ones
+    guidance_<w>_swd_mean, _face_rate, _face_fd, _face_landmark_fd, _seconds
+"""
+
+import argparse
+import pathlib
+import time
+
+import numpy as np
+import tensorflow as tf
+
+import common
+
+from keras_ddpm import plots, samplers
+from keras_ddpm.precision import resolve_precision
+from keras_ddpm.runs import load_run
+
+MIN_SCORED = 128  # below this, SWD and the face FD are mostly sampling noise
+
+
+def guided_output(model, guide, guidance):
+    """`network_output` of the autoguided denoiser: guide + w (model - guide) on the raw outputs."""
+
+    def network_output(inputs):
+        strong = tf.cast(model.network_output(inputs), tf.float32)
+        weak = tf.cast(guide.network_output(inputs), tf.float32)
+        return weak + guidance * (strong - weak)
+
+    return network_output
+
+
+def compile_autoguided(model, guide, sampler: str, steps: int, eta: float):
+    """f(seeds int64 [B], guidance) -> uint8 images, one trace for every batch and scale."""
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.int64), tf.TensorSpec([], tf.float32)])
+    def sample(seeds, guidance):
+        denoise = samplers.make_denoiser(guided_output(model, guide, guidance), model.schedule, model.objective)
+        images = samplers.sample(denoise, model.schedule, seeds, model.image_shape, steps, sampler, eta)
+        return samplers.to_uint8(images)
+
+    return sample
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=pathlib.Path, required=True, help="run directory of the model (D1)")
+    parser.add_argument("--checkpoint_step", type=int, default=None, help="its checkpoint (default: the newest)")
+    parser.add_argument("--guide_model", type=pathlib.Path, default=None, help="run directory of the guide (D0); "
+                        "default: --model")
+    parser.add_argument("--guide_checkpoint_step", type=int, required=True, help="the guide's checkpoint")
+    parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0], help="scales w (1: no guidance)")
+    parser.add_argument("--sampler", default="dpm++", choices=samplers.SAMPLERS)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--eta", type=float, default=0.0)
+    parser.add_argument("--num_images", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--precision", default="auto", help="dtype policy of both networks (auto: bf16 where native)")
+    parser.add_argument("--data_dir", default=None, help="CelebA folder (default: CELEBA_DIR)")
+    parser.add_argument("--grid_dir", type=pathlib.Path, default=pathlib.Path("autoguidance"))
+    args = parser.parse_args()
+
+    policy, _ = resolve_precision(args.precision)
+    model, _ = load_run(args.model, args.checkpoint_step, policy)
+    guide, _ = load_run(args.guide_model or args.model, args.guide_checkpoint_step, policy)
+    if guide.image_shape != model.image_shape or guide.schedule.num_timesteps != model.schedule.num_timesteps:
+        raise SystemExit("The guide must be a model of the same images and noise schedule as --model.")
+    sample = compile_autoguided(model, guide, args.sampler, args.steps, args.eta)
+    print(f"model_step {model.metadata['training_steps']}\nguide_step {guide.metadata['training_steps']}\n"
+          f"precision {policy}", flush=True)
+
+    scored = args.num_images >= MIN_SCORED
+    if scored:
+        held_out, held_out_embedding = common.held_out_faces(model.image_shape[0], args.num_images, args.data_dir)
+        floor = common.floor_scores(held_out, held_out_embedding, args.data_dir)
+        for key in ("swd_mean", "face_fd", "face_landmark_fd"):
+            print(f"floor_{key} {floor[key]:.4f}", flush=True)
+    args.grid_dir.mkdir(parents=True, exist_ok=True)
+    for guidance in args.guidance:
+        start = time.perf_counter()
+        images = np.concatenate([
+            sample(tf.range(first, min(first + args.batch_size, args.num_images), dtype=tf.int64), guidance).numpy()
+            for first in range(0, args.num_images, args.batch_size)
+        ])
+        name = f"guidance_{guidance:g}"
+        print(f"{name}_seconds {time.perf_counter() - start:.0f}", flush=True)
+        plots.save_image_grid(args.grid_dir / f"{name}.png", images[:64])
+        if scored:
+            for key, value in common.score_samples(images, held_out, held_out_embedding).items():
+                print(f"{name}_{key} {value:.4f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
