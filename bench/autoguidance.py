@@ -1,8 +1,9 @@
 """Autoguidance: guide a run's model with a weaker checkpoint of itself, and see whether fewer faces break.
 
+    python bench/autoguidance.py --model=savedmodel --guide_model=$HOME/runs/celeba32_guide_w16 \
+        --guidance 1 2 3 --grid_dir=$HOME/runs/autoguidance [--num_images=512 --data_dir=../shared/data/celeba]
     python bench/autoguidance.py --model=$HOME/runs/celeba64_minsnr --checkpoint_step=6000 \
-        --guide_model=$HOME/runs/celeba64_early --guide_checkpoint_step=2000 --guidance 1 2 3 \
-        --grid_dir=$HOME/runs/autoguidance [--num_images=512 --data_dir=../shared/data/celeba]
+        --guide_model=$HOME/runs/celeba64_early --guide_checkpoint_step=2000 --guidance 1 2 3
 
 Karras et al. (2024, "Guiding a Diffusion Model with a Bad Version of Itself", Eq. 2) guide a denoiser D1 with a
 weaker one D0 of the same task, instead of with an unconditional model:
@@ -31,8 +32,7 @@ import tensorflow as tf
 import common
 
 from keras_ddpm import plots, samplers
-from keras_ddpm.precision import resolve_precision
-from keras_ddpm.runs import load_run
+from keras_ddpm.runs import load_generator, sampling_precision
 
 MIN_SCORED = 128  # below this, SWD and the face FD are mostly sampling noise
 
@@ -46,6 +46,11 @@ def guided_output(model, guide, guidance):
         return weak + guidance * (strong - weak)
 
     return network_output
+
+
+def denoising_task(generator) -> tuple:
+    """What a guide must share with its model: image shape, noise schedule and what the network predicts."""
+    return generator.image_shape, generator.schedule.get_config(), generator.objective
 
 
 def compile_autoguided(model, guide, sampler: str, steps: int, eta: float):
@@ -62,27 +67,29 @@ def compile_autoguided(model, guide, sampler: str, steps: int, eta: float):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=pathlib.Path, required=True, help="run directory of the model (D1)")
-    parser.add_argument("--checkpoint_step", type=int, default=None, help="its checkpoint (default: the newest)")
-    parser.add_argument("--guide_model", type=pathlib.Path, default=None, help="run directory of the guide (D0); "
-                        "default: --model")
-    parser.add_argument("--guide_checkpoint_step", type=int, required=True, help="the guide's checkpoint")
+    parser.add_argument("--model", type=pathlib.Path, required=True, help="the model (D1): export or run directory")
+    parser.add_argument("--checkpoint_step", type=int, default=None, help="a run's checkpoint (default: the newest)")
+    parser.add_argument("--guide_model", type=pathlib.Path, default=None, help="the guide (D0): export or run "
+                        "directory; default: --model (a run directory, then with --guide_checkpoint_step)")
+    parser.add_argument("--guide_checkpoint_step", type=int, default=None, help="the guide's checkpoint")
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0], help="scales w (1: no guidance)")
     parser.add_argument("--sampler", default="dpm++", choices=samplers.SAMPLERS)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--eta", type=float, default=0.0)
     parser.add_argument("--num_images", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--precision", default="auto", help="dtype policy of both networks (auto: bf16 where native)")
+    parser.add_argument("--precision", default="auto", help="dtype policy of both networks (auto: an export's own, "
+                        "else bf16 where native)")
     parser.add_argument("--data_dir", default=None, help="CelebA folder (default: CELEBA_DIR)")
     parser.add_argument("--grid_dir", type=pathlib.Path, default=pathlib.Path("autoguidance"))
     args = parser.parse_args()
 
-    policy, _ = resolve_precision(args.precision)
-    model, _ = load_run(args.model, args.checkpoint_step, policy)
-    guide, _ = load_run(args.guide_model or args.model, args.guide_checkpoint_step, policy)
-    if guide.image_shape != model.image_shape or guide.schedule.num_timesteps != model.schedule.num_timesteps:
-        raise SystemExit("The guide must be a model of the same images and noise schedule as --model.")
+    policy, _ = sampling_precision(args.model, args.precision)
+    model = load_generator(args.model, args.checkpoint_step, policy)
+    guide = load_generator(args.guide_model or args.model, args.guide_checkpoint_step, policy)
+    if denoising_task(guide) != denoising_task(model):
+        raise SystemExit(f"The guide must share the model's image shape, noise schedule and objective: the model has "
+                         f"{denoising_task(model)}, the guide {denoising_task(guide)}.")
     sample = compile_autoguided(model, guide, args.sampler, args.steps, args.eta)
     print(f"model_step {model.metadata['training_steps']}\nguide_step {guide.metadata['training_steps']}\n"
           f"precision {policy}", flush=True)
