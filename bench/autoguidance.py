@@ -101,11 +101,12 @@ def main():
         for key in ("swd_mean", "face_fd", "face_landmark_fd"):
             print(f"floor_{key} {floor[key]:.4f}", flush=True)
     args.grid_dir.mkdir(parents=True, exist_ok=True)
+    batch_size = min([args.batch_size] + [g.max_batch_size for g in (model, guide) if g.max_batch_size])  # an export's cap
     for guidance in args.guidance:
         start = time.perf_counter()
         images = np.concatenate([
-            sample(tf.range(first, min(first + args.batch_size, args.num_images), dtype=tf.int64), guidance).numpy()
-            for first in range(0, args.num_images, args.batch_size)
+            sample(tf.range(first, min(first + batch_size, args.num_images), dtype=tf.int64), guidance).numpy()
+            for first in range(0, args.num_images, batch_size)
         ])
         name = f"guidance_{guidance:g}"
         print(f"{name}_seconds {time.perf_counter() - start:.0f}", flush=True)
