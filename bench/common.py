@@ -79,9 +79,8 @@ def score_samples(samples, held_out, held_out_embedding) -> dict:
     from keras_ddpm import metrics
     from keras_ddpm.metrics import face
 
-    embedding = face.embed_faces(samples)
     return {"swd_mean": metrics.sliced_wasserstein_distance(samples, held_out)["swd_mean"],
-            "face_rate": float(embedding.found.mean()), **face.compare_embeddings(embedding, held_out_embedding)}
+            **face.score_faces(samples, held_out_embedding)}
 
 
 def floor_scores(held_out, held_out_embedding, data_dir=None) -> dict:

@@ -29,7 +29,7 @@ import json
 import pathlib
 import time
 
-import common  # noqa: F401  (puts the repository on sys.path)
+import common  # (also puts the repository on sys.path)
 
 from keras_ddpm import plots
 from keras_ddpm.generation import generate_in_batches
@@ -103,9 +103,9 @@ def main():
         samples = generate_in_batches(generator, len(held_out), args.batch_size, seed=0, verbose=False,
                                       sampler=sampler, steps=steps, eta=eta)
         seconds = time.perf_counter() - start
-        face = common.score_samples(samples, held_out, held_out_embedding)
-        swd = results[sampler, steps, eta] = face.pop("swd_mean")
-        face_results[sampler, steps, eta] = face
+        scores = common.score_samples(samples, held_out, held_out_embedding)
+        swd = results[sampler, steps, eta] = scores.pop("swd_mean")
+        face = face_results[sampler, steps, eta] = scores
         name = run_name(sampler, steps, eta)
         print(f"{name}_swd_mean {swd:.2f}\n{name}_vs_floor {swd / floor['swd_mean']:.2f}\n"
               f"{name}_face_rate {face['face_rate']:.3f}\n{name}_face_fd {face['face_fd']:.3f}\n"
@@ -116,7 +116,8 @@ def main():
             plot_sweep(results, floor["swd_mean"], args.plot)
     if args.json:
         args.json.write_text(json.dumps({
-            "model": args.model, "num_images": len(held_out), "floor": floor["swd_mean"], "face_floor": floor,
+            "model": args.model, "num_images": len(held_out), "floor": floor["swd_mean"],
+            "face_floor": {key: floor[key] for key in ("face_fd", "face_landmark_fd")},
             "runs": [{"sampler": sampler, "steps": steps, "eta": eta, "swd_mean": swd, **face_results[sampler, steps, eta]}
                      for (sampler, steps, eta), swd in results.items()]}, indent=1) + "\n")
     if ("dpm++", 20, 0.0) in results and ("ddpm", 1000, 0.0) in results:

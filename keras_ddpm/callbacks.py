@@ -291,8 +291,7 @@ class SWDMonitor(keras.callbacks.Callback):
         """`face_rate`, `face_fd` and `face_landmark_fd` of the samples against the real images."""
         if self._real_faces is None:
             self._real_faces = face_metric.embed_faces(self.real_images)
-        faces = face_metric.embed_faces(samples)
-        return {"face_rate": float(faces.found.mean()), **face_metric.compare_embeddings(faces, self._real_faces)}
+        return face_metric.score_faces(samples, self._real_faces)
 
     def _save_best(self, epoch: int, swd: float):
         """Write the EMA weights, then their record; each file is replaced atomically."""

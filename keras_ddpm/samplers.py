@@ -66,6 +66,13 @@ def default_steps(sampler: SamplerName, num_timesteps: int) -> int:
     return {"ddpm": num_timesteps, "ddim": 50, "dpm++": 20}[check_sampler(sampler)]
 
 
+def guide(strong, weak, guidance):
+    """`weak + guidance * (strong - weak)`: classifier-free guidance (Ho & Salimans 2022, Eq. 6 with w = 1 + their
+    w) when `weak` is the unconditional prediction, autoguidance (Karras et al. 2024) when it is a weaker model's.
+    Guidance 1 is `strong` alone."""
+    return weak + guidance * (strong - weak)
+
+
 def make_denoiser(network_output, schedule, objective, labels=None, null_label=None, guidance=1.0,
                   clip_denoised=True):
     """Wrap a network into the `denoise(x_t, t) -> (pred_images, pred_noises)` that the samplers call.
@@ -91,7 +98,7 @@ def make_denoiser(network_output, schedule, objective, labels=None, null_label=N
             null_labels = tf.fill(tf.shape(labels), null_label)
             both = network_output([tf.concat([x_t, x_t], 0), tf.concat([t, t], 0), tf.concat([labels, null_labels], 0)])
             conditional, unconditional = tf.split(both, 2)
-            return unconditional + guidance * (conditional - unconditional)
+            return guide(conditional, unconditional, guidance)
 
         return tf.cond(guidance == 1.0, lambda: network_output([x_t, t, labels]), guided)
 

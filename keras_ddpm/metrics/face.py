@@ -177,6 +177,12 @@ def compare_embeddings(embedding_a: FaceEmbedding, embedding_b: FaceEmbedding) -
     }
 
 
+def score_faces(samples: np.ndarray, real: FaceEmbedding, networks: FaceNetworks | None = None) -> dict[str, float]:
+    """`face_rate`, `face_fd` and `face_landmark_fd` of `samples` against already embedded real faces."""
+    generated = embed_faces(samples, networks)
+    return {"face_rate": float(generated.found.mean()), **compare_embeddings(generated, real)}
+
+
 def face_report(samples: np.ndarray, real_images: np.ndarray, reference: np.ndarray | None = None,
                 networks: FaceNetworks | None = None) -> dict[str, float]:
     """The face metric of `samples` against held-out `real_images` (use the same count for both).
@@ -189,9 +195,7 @@ def face_report(samples: np.ndarray, real_images: np.ndarray, reference: np.ndar
     """
     networks = networks or load_face_networks()
     real = embed_faces(real_images, networks)
-    generated = embed_faces(samples, networks)
-    report = {"face_rate": float(generated.found.mean()), **compare_embeddings(generated, real),
-              "face_rate_real": float(real.found.mean())}
+    report = {**score_faces(samples, real, networks), "face_rate_real": float(real.found.mean())}
     if reference is not None:
         floor = compare_embeddings(embed_faces(reference, networks), real)
         report.update({f"{key}_real": value for key, value in floor.items()})
