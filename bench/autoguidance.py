@@ -16,8 +16,9 @@ affine function of the network output whose x_t term does not depend on the netw
 guided step costs two network calls (w = 1 costs one and draws the model's own images).
 
 Each guidance scale draws `--num_images` samples from the seeds 0, 1, ... with the model's sampler, steps and eta
-(an export's own, DDIM-50 for a run directory, or --sampler/--steps/--eta), keeps the first 64 as <grid_dir>/guidance_<w>.png and, from
-128 images on, scores them against as many held-out faces. Unconditional models only. Prints `key value` lines:
+(an export's own, DDIM-50 for a run directory, or --sampler/--steps/--eta), keeps the first 64 as
+<grid_dir>/guidance_<w>.png and, from 128 images on, scores them against as many held-out faces. Unconditional
+models only. Prints `key value` lines:
 
     model_step, guide_step, sampler, steps, eta, precision
     floor_swd_mean, floor_face_fd, floor_face_landmark_fd   as many training faces against the held-out ones
@@ -34,6 +35,7 @@ import tensorflow as tf
 import common
 
 from keras_ddpm import generation, plots, samplers
+from keras_ddpm.generation import generate_in_batches
 from keras_ddpm.runs import load_generator, sampling_precision
 
 MIN_SCORED = 128  # below this, SWD and the face FD are mostly sampling noise
@@ -103,20 +105,23 @@ def compile_autoguided(model, guide, sampler: str, steps: int, eta: float):
     return sample
 
 
-def draw(sample, guidance: float, num_images: int, batch_size: int) -> np.ndarray:
-    """Images of the seeds 0 .. num_images - 1 at one guidance scale."""
-    batches = [sample(tf.range(first, min(first + batch_size, num_images), dtype=tf.int64), guidance).numpy()
-               for first in range(0, num_images, batch_size)]
-    return np.concatenate(batches)
+class AutoguidedGenerator:
+    """What `generate_in_batches` needs of a `Generator`: the model's images, guided by `guide`."""
+
+    def __init__(self, model, guide, sampler: str, steps: int, eta: float):
+        self.max_batch_size = min([g.max_batch_size for g in (model, guide) if g.max_batch_size], default=None)
+        self._sample = compile_autoguided(model, guide, sampler, steps, eta)
+
+    def generate(self, seeds, labels=None, guidance: float = 1.0) -> np.ndarray:
+        return self._sample(tf.constant(seeds, tf.int64), guidance).numpy()
 
 
 def main():
     args = parse_args()
     model, guide, policy = load_pair(args)
     sampler, steps, eta = generation.sampling_defaults(model, args.sampler, args.steps, args.eta)
-    batch_size = min([args.batch_size] + [g.max_batch_size for g in (model, guide) if g.max_batch_size])  # exports
-    generation.check_request(model, min(batch_size, args.num_images), steps=steps, sampler=sampler, eta=eta)
-    sample = compile_autoguided(model, guide, sampler, steps, eta)
+    generation.check_request(model, 1, steps=steps, sampler=sampler, eta=eta)  # steps and eta in range
+    autoguided = AutoguidedGenerator(model, guide, sampler, steps, eta)
     print(f"model_step {model.metadata.get('training_steps')}\nguide_step {guide.metadata.get('training_steps')}\n"
           f"sampler {sampler}\nsteps {steps}\neta {eta:g}\nprecision {policy}", flush=True)
 
@@ -131,7 +136,7 @@ def main():
     args.grid_dir.mkdir(parents=True, exist_ok=True)
     for guidance in args.guidance:
         start = time.perf_counter()
-        images = draw(sample, guidance, args.num_images, batch_size)
+        images = generate_in_batches(autoguided, args.num_images, args.batch_size, verbose=False, guidance=guidance)
         name = f"guidance_{guidance:g}"
         print(f"{name}_seconds {time.perf_counter() - start:.0f}", flush=True)
         plots.save_image_grid(args.grid_dir / f"{name}.png", images[:64])
