@@ -34,12 +34,9 @@ import tensorflow as tf
 
 import common
 
-from keras_ddpm import generation, plots, samplers
+from keras_ddpm import generation, samplers
 from keras_ddpm.generation import generate_in_batches
 from keras_ddpm.runs import load_generator, sampling_precision
-
-MIN_SCORED = 128  # below this, SWD and the face FD are mostly sampling noise
-
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -125,24 +122,11 @@ def main():
     print(f"model_step {model.metadata.get('training_steps')}\nguide_step {guide.metadata.get('training_steps')}\n"
           f"sampler {sampler}\nsteps {steps}\neta {eta:g}\nprecision {policy}", flush=True)
 
-    scored = args.num_images >= MIN_SCORED
-    if scored:
-        held_out, held_out_embedding = common.held_out_faces(model.image_shape[0], args.num_images, args.data_dir)
-        floor = common.floor_scores(held_out, held_out_embedding, args.data_dir)
-        for key in ("swd_mean", "face_fd", "face_landmark_fd"):
-            print(f"floor_{key} {floor[key]:.4f}", flush=True)
-    else:
-        print(f"# not scored: fewer than {MIN_SCORED} images (--num_images); grids only", flush=True)
-    args.grid_dir.mkdir(parents=True, exist_ok=True)
+    report = common.SampleReport(model.image_shape[0], args.num_images, args.grid_dir, args.data_dir)
     for guidance in args.guidance:
         start = time.perf_counter()
         images = generate_in_batches(autoguided, args.num_images, args.batch_size, verbose=False, guidance=guidance)
-        name = f"guidance_{guidance:g}"
-        print(f"{name}_seconds {time.perf_counter() - start:.0f}", flush=True)
-        plots.save_image_grid(args.grid_dir / f"{name}.png", images[:64])
-        if scored:
-            for key, value in common.score_samples(images, held_out, held_out_embedding).items():
-                print(f"{name}_{key} {value:.4f}", flush=True)
+        report.add(f"guidance_{guidance:g}", images, time.perf_counter() - start)
 
 
 if __name__ == "__main__":

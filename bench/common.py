@@ -89,3 +89,36 @@ def floor_scores(held_out, held_out_embedding, data_dir=None) -> dict:
 
     train = load_images("celeba", "train", held_out.shape[1], len(held_out), data_dir=data_dir)
     return score_samples(train, held_out, held_out_embedding)
+
+
+class SampleReport:
+    """Grids and scores of sample sets, printed as `key value` lines (`bench/autoguidance.py`,
+    `bench/restart_sampling.py`).
+
+    From `MIN_SCORED` images on, it prints the real-vs-real floors (`floor_swd_mean`, `floor_face_fd`,
+    `floor_face_landmark_fd`) once, then `<name>_<score>` for each sample set; below that, grids only.
+    """
+
+    MIN_SCORED = 128  # below this, SWD and the face FD are mostly sampling noise
+
+    def __init__(self, image_size: int, num_images: int, grid_dir: pathlib.Path, data_dir=None):
+        self.grid_dir = grid_dir
+        self.scored = num_images >= self.MIN_SCORED
+        if self.scored:
+            self.held_out, self.held_out_embedding = held_out_faces(image_size, num_images, data_dir)
+            floor = floor_scores(self.held_out, self.held_out_embedding, data_dir)
+            for key in ("swd_mean", "face_fd", "face_landmark_fd"):
+                print(f"floor_{key} {floor[key]:.4f}", flush=True)
+        else:
+            print(f"# not scored: fewer than {self.MIN_SCORED} images (--num_images); grids only", flush=True)
+        grid_dir.mkdir(parents=True, exist_ok=True)
+
+    def add(self, name: str, images, seconds: float, grid_name: str | None = None):
+        """Print `<name>_seconds`, keep the first 64 images as <grid_dir>/<grid_name or name>.png, and score them."""
+        from keras_ddpm import plots
+
+        print(f"{name}_seconds {seconds:.0f}", flush=True)
+        plots.save_image_grid(self.grid_dir / f"{grid_name or name}.png", images[:64])
+        if self.scored:
+            for key, value in score_samples(images, self.held_out, self.held_out_embedding).items():
+                print(f"{name}_{key} {value:.4f}", flush=True)

@@ -35,12 +35,9 @@ import tensorflow as tf
 
 import common
 
-from keras_ddpm import plots, samplers
+from keras_ddpm import samplers
 from keras_ddpm.generation import generate_in_batches
 from keras_ddpm.runs import load_generator
-
-MIN_SCORED = 128  # below this, SWD and the face FD are mostly sampling noise
-
 
 @dataclasses.dataclass(frozen=True)
 class Restart:
@@ -180,26 +177,14 @@ def main():
     if generator.num_classes:
         raise SystemExit(f"{args.model} is a conditional model; this benchmark samples unconditional ones.")
     paths = {name_of(restart): restart_path(generator.schedule, args.main_steps, restart) for restart in args.restarts}
-    scored = args.num_images >= MIN_SCORED
-    if scored:
-        held_out, held_out_embedding = common.held_out_faces(generator.image_shape[0], args.num_images, args.data_dir)
-        floor = common.floor_scores(held_out, held_out_embedding, args.data_dir)
-        for key in ("swd_mean", "face_fd", "face_landmark_fd"):
-            print(f"floor_{key} {floor[key]:.4f}", flush=True)
-    else:
-        print(f"# not scored: fewer than {MIN_SCORED} images (--num_images); grids only", flush=True)
-    args.grid_dir.mkdir(parents=True, exist_ok=True)
+    report = common.SampleReport(generator.image_shape[0], args.num_images, args.grid_dir, args.data_dir)
     for name, path in paths.items():
         network_calls = sum(1 for t, t_next in zip(path, path[1:] + [-1]) if t_next < t)
         print(f"{name}_network_calls {network_calls}", flush=True)
         start = time.perf_counter()
         images = generate_in_batches(RestartGenerator(generator, path), args.num_images, args.batch_size,
                                      seed=args.seed, verbose=False)
-        print(f"{name}_seconds {time.perf_counter() - start:.0f}", flush=True)
-        plots.save_image_grid(args.grid_dir / f"{name}_s{args.seed}.png", images[:64])
-        if scored:
-            for key, value in common.score_samples(images, held_out, held_out_embedding).items():
-                print(f"{name}_{key} {value:.4f}", flush=True)
+        report.add(name, images, time.perf_counter() - start, grid_name=f"{name}_s{args.seed}")
 
 
 if __name__ == "__main__":
