@@ -27,6 +27,8 @@ from keras_ddpm.schedule import NoiseSchedule
 # `network_output(inputs) -> tf.Tensor`: the network's raw prediction (epsilon or v, as `objective` says) for
 # `inputs = [x_t, t]` or, for a conditional network, `[x_t, t, labels]`.
 NetworkOutput = Callable[[list], tf.Tensor]
+# `on_step(calls_done)`: how many of a request's network calls are done, for a progress bar.
+StepCallback = Callable[[int], None]
 
 
 class Generator(Protocol):
@@ -55,8 +57,12 @@ class Generator(Protocol):
     def generate(self, num_images: int | None = None, *, seed: int = 0, seeds=None, steps: int | None = None,
                  sampler: samplers.SamplerName | None = None, eta: float | None = None,
                  spacing: samplers.Spacing | None = None, labels=None, guidance: float = 1.0,
-                 return_trajectory: bool = False):
-        """uint8 images [N, H, W, C] (and the float trajectory [S, N, H, W, C] when asked); see `check_request`."""
+                 return_trajectory: bool = False, on_step: "StepCallback | None" = None):
+        """uint8 images [N, H, W, C] (and the float trajectory [S, N, H, W, C] when asked); see `check_request`.
+
+        `on_step(calls_done)` follows the sampler's network calls where it can (not through an export's own
+        `generate` signature, whose graph has no way out to Python).
+        """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,14 +154,32 @@ SAMPLER_SIGNATURE = [
 ]
 
 
+class StepListener:
+    """The host side of a compiled sampler's step reports: the loop calls `in_graph(i)` after step i's network
+    call, a `tf.py_function` that hands `i + 1` to `callback` while one is set (`run_sampler` sets it)."""
+
+    def __init__(self):
+        self.callback: StepCallback | None = None
+
+    def in_graph(self, step: tf.Tensor) -> None:
+        tf.py_function(self._report, [step], [])
+
+    def _report(self, step) -> None:
+        if self.callback is not None:
+            self.callback(int(step) + 1)
+
+
 def compile_sampler(network_output: NetworkOutput, schedule: NoiseSchedule, objective: str, image_shape,
                     num_classes: int, sampler: samplers.SamplerName, spacing: samplers.Spacing | None = None,
-                    return_trajectory: bool = False):
+                    return_trajectory: bool = False, report_steps: bool = False):
     """The compiled sampler: f(seeds int64 [B], steps, eta, labels int32 [B], guidance) -> float32 images.
 
     A `tf.function` with a fixed input signature, so new seeds, batch sizes or step counts never retrace;
-    the caller keeps one per (sampler, spacing, trajectory). Labels are ignored when `num_classes` is 0.
+    the caller keeps one per (sampler, spacing, trajectory, reporting). Labels are ignored when `num_classes` is 0.
+    With `report_steps`, its `step_listener` (a `StepListener`) hears of every network call; that graph calls
+    back into Python, so it is never exported.
     """
+    step_listener = StepListener() if report_steps else None
 
     @tf.function(input_signature=SAMPLER_SIGNATURE)
     def sample(seeds, steps, eta, labels, guidance):
@@ -163,15 +187,27 @@ def compile_sampler(network_output: NetworkOutput, schedule: NoiseSchedule, obje
             network_output, schedule, objective, labels if num_classes else None, num_classes, guidance
         )
         return samplers.sample(
-            denoise, schedule, seeds, image_shape, steps, sampler, eta, spacing, return_trajectory=return_trajectory
+            denoise, schedule, seeds, image_shape, steps, sampler, eta, spacing, return_trajectory=return_trajectory,
+            on_step=step_listener.in_graph if step_listener else None,
         )
 
+    sample.step_listener = step_listener
     return sample
 
 
-def run_sampler(sample, request: Request, return_trajectory: bool = False):
-    """Call a `compile_sampler` function on a request: uint8 images (and the float trajectory when asked)."""
-    result = sample(*request.tensors())
+def run_sampler(sample, request: Request, return_trajectory: bool = False, on_step: StepCallback | None = None):
+    """Call a `compile_sampler` function on a request: uint8 images (and the float trajectory when asked).
+
+    `on_step` hears of each network call if `sample` was compiled with `report_steps`.
+    """
+    listener = sample.step_listener
+    if listener is not None:
+        listener.callback = on_step
+    try:
+        result = sample(*request.tensors())
+    finally:
+        if listener is not None:
+            listener.callback = None
     if return_trajectory:
         images, trajectory = result
         return samplers.to_uint8(images).numpy(), trajectory.numpy()
@@ -202,20 +238,21 @@ class SavedModelGenerator:
         return self.loaded.signatures["denoise"](**dict(zip(names, inputs)))["prediction"]
 
     def generate(self, num_images=None, *, seed=0, seeds=None, steps=None, sampler=None, eta=None, spacing=None,
-                 labels=None, guidance=1.0, return_trajectory=False):
+                 labels=None, guidance=1.0, return_trajectory=False, on_step=None):
         """uint8 images [N, H, W, C] (and the float trajectory [S, N, H, W, C] when asked); see `DiffusionModel.generate`.
 
-        `sampler` and `eta` default to those the model was exported with, and `steps` too for that sampler.
+        `sampler` and `eta` default to those the model was exported with, and `steps` too for that sampler; those
+        requests run the export's own `generate` signature, which does not report steps to `on_step`.
         """
         request = check_request(self, num_images, seed, seeds, steps, sampler, eta, spacing, labels, guidance)
         exported_way = request.sampler == self.metadata["sampler"] and spacing in (None, self.metadata["spacing"])
         if exported_way and not return_trajectory:
             return self._exported_generate(request)
-        key = (request.sampler, spacing, return_trajectory)
+        key = (request.sampler, spacing, return_trajectory, on_step is not None)
         if key not in self._samplers:
             self._samplers[key] = compile_sampler(self.network_output, self.schedule, self.objective,
                                                   self.image_shape, self.num_classes, *key)
-        return run_sampler(self._samplers[key], request, return_trajectory)
+        return run_sampler(self._samplers[key], request, return_trajectory, on_step)
 
     def _exported_generate(self, request: Request) -> np.ndarray:
         """The SavedModel's own `generate` signature (the sampler it was exported with)."""
@@ -226,31 +263,50 @@ class SavedModelGenerator:
         return self.loaded.signatures["generate"](**inputs)["images"].numpy()
 
 
+class CallProgress:
+    """A progress bar over network calls, moved by a generator's step reports or, where none come, once a batch."""
+
+    def __init__(self, total_calls: int):
+        self.bar = keras.utils.Progbar(total_calls, unit_name="step")
+        self.calls_done = 0
+
+    def reach(self, calls_done: int) -> None:
+        if calls_done > self.calls_done:  # a finished bar would print its last line again
+            self.calls_done = calls_done
+            self.bar.update(calls_done)
+
+
 def generate_in_batches(generator: Generator, num_images: int, batch_size: int = 64, seed: int = 0,
                         verbose: bool = True, **options) -> np.ndarray:
     """`generator.generate` over `num_images` seeds `seed, seed + 1, ...` in batches, with a progress bar.
 
-    Batches are cut down to the generator's `max_batch_size` (an export's cap on one request), if it has one.
+    The bar counts network calls (steps x batches) and moves after each one where the generator reports them
+    (DDPM's 1,000 calls take minutes a batch), else after each batch. Batches are cut down to the generator's
+    `max_batch_size` (an export's cap on one request), if it has one.
     """
     if num_images < 1 or batch_size < 1:
         raise ValueError(f"num_images and batch_size must be at least 1, got {num_images} and {batch_size}.")
     batch_size = min(batch_size, generator.max_batch_size or batch_size, num_images)
     progress = None
-    if verbose:  # said up front: DDPM with all its steps takes minutes a batch, and the bar moves once per batch
+    if verbose:
         sampler, steps, eta = sampling_defaults(generator, options.get("sampler"), options.get("steps"),
                                                 options.get("eta"))
         print(f"Sampling {num_images} images: {sampler}, {steps} network calls each, eta {eta:g}, "
               f"in batches of {batch_size}.", flush=True)
-        progress = keras.utils.Progbar(num_images, unit_name="image")
+        progress = CallProgress(-(-num_images // batch_size) * steps)
     labels = options.pop("labels", None)
     if labels is not None:
         labels = np.broadcast_to(np.asarray(labels), [num_images])
     batches = []
-    for start in range(0, num_images, batch_size):
+    for batch_index, start in enumerate(range(0, num_images, batch_size)):
         count = min(batch_size, num_images - start)
         batch_labels = None if labels is None else labels[start : start + count]
         seeds = np.arange(seed + start, seed + start + count)
-        batches.append(generator.generate(seeds=seeds, labels=batch_labels, **options))
+        step_report = {}
+        if progress:  # the calls of the batches before, plus this batch's calls so far
+            calls_before = batch_index * steps
+            step_report["on_step"] = lambda calls, before=calls_before: progress.reach(before + calls)
+        batches.append(generator.generate(seeds=seeds, labels=batch_labels, **options, **step_report))
         if progress:
-            progress.add(count)
+            progress.reach(calls_before + steps)
     return np.concatenate(batches)

@@ -281,17 +281,18 @@ class DiffusionModel(keras.Model):
         network = self.ema_network if use_ema else self.network
         return network(inputs, training=False)
 
-    def sample_function(self, sampler="ddim", spacing=None, return_trajectory=False, use_ema=True):
+    def sample_function(self, sampler="ddim", spacing=None, return_trajectory=False, use_ema=True,
+                        report_steps=False):
         """The compiled sampler: f(seeds int64 [B], steps, eta, labels int32 [B], guidance) -> float32 images.
 
-        One `tf.function` per (sampler, spacing, trajectory, weights) (see `generation.compile_sampler`), so new
-        seeds, batch sizes or step counts never retrace.
+        One `tf.function` per (sampler, spacing, trajectory, weights, step reports) (see
+        `generation.compile_sampler`), so new seeds, batch sizes or step counts never retrace.
         """
-        key = (sampler, spacing, return_trajectory, use_ema)
+        key = (sampler, spacing, return_trajectory, use_ema, report_steps)
         if key not in self._sample_functions:
             self._sample_functions[key] = generation.compile_sampler(
                 lambda inputs: self.network_output(inputs, use_ema), self.schedule, self.objective, self.image_shape,
-                self.num_classes, sampler, spacing, return_trajectory,
+                self.num_classes, sampler, spacing, return_trajectory, report_steps,
             )
         return self._sample_functions[key]
 
@@ -309,6 +310,7 @@ class DiffusionModel(keras.Model):
         guidance: float = 1.0,
         use_ema: bool = True,
         return_trajectory: bool = False,
+        on_step: generation.StepCallback | None = None,
     ):
         """Generate images with the EMA network; returns uint8 [N, H, W, C] as a numpy array.
 
@@ -331,10 +333,11 @@ class DiffusionModel(keras.Model):
             guidance: classifier-free guidance scale w (1 = no guidance).
             use_ema: sample with the EMA weights (default) or the raw training weights.
             return_trajectory: also return the float x_t before every step, [S, N, H, W, C].
+            on_step: `on_step(calls_done)` after each network call, for a progress bar.
         """
         request = generation.check_request(self, num_images, seed, seeds, steps, sampler, eta, spacing, labels, guidance)
-        sample = self.sample_function(request.sampler, spacing, return_trajectory, use_ema)
-        return generation.run_sampler(sample, request, return_trajectory)
+        sample = self.sample_function(request.sampler, spacing, return_trajectory, use_ema, on_step is not None)
+        return generation.run_sampler(sample, request, return_trajectory, on_step)
 
     # -- serialisation ------------------------------------------------------------------------------------
 

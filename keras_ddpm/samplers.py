@@ -217,6 +217,7 @@ def sample(
     spacing: Spacing | None = None,
     ddpm_variance: PosteriorVariance = "beta_tilde",
     return_trajectory: bool = False,
+    on_step: Callable[[tf.Tensor], None] | None = None,
 ):
     """Run a reverse process from per-image Gaussian noise to images in (about) [-1, 1].
 
@@ -236,6 +237,8 @@ def sample(
             `DEFAULT_SPACING[sampler]`.
         ddpm_variance: the DDPM step's `posterior_variance` (DDPM's sigma_t^2), `"beta_tilde"` or `"beta"`.
         return_trajectory: also return x_t before each step, [S, B, H, W, C] (for process figures).
+        on_step: called in the loop with the index of each step once its network call is done: a host-side
+            progress report (`generation.StepListener`). Exported graphs take none.
 
     Returns:
         Images float32 [B, H, W, C] (and the trajectory when asked).
@@ -270,6 +273,8 @@ def sample(
         # The last evaluation's prediction is the image. Inside the loop, the network appears once in the graph,
         # which halves the tracing, loading and graph optimisation of samplers and exported SavedModels.
         x_t = tf.cond(i < num_steps - 1, step, lambda: pred_images)
+        if on_step is not None:
+            on_step(i)
         return i + 1, x_t, pred_images, trajectory
 
     x_T = per_image_noise(seeds, 0, image_shape)

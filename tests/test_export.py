@@ -203,6 +203,16 @@ def test_clients_of_the_library_respect_the_batch_cap(export_dir):
     assert images.shape == (65, 16, 16, 3)
 
 
+def test_an_export_reports_steps_of_other_samplers_but_not_of_its_own(export_dir, model):
+    """Its own `generate` signature is a graph without a way back to Python; the other samplers run here."""
+    generator = load_generator(export_dir)
+    own, other = [], []
+    generator.generate(seeds=[0, 1], steps=3, on_step=own.append)
+    images = generator.generate(seeds=[0, 1], steps=3, sampler="ddpm", on_step=other.append)
+    assert own == [] and other == [1, 2, 3]
+    np.testing.assert_array_equal(images, model.generate(seeds=[0, 1], steps=3, sampler="ddpm"))
+
+
 # float16 is emulated on CPUs (slow): the GPU recipe's policy runs in the full run, bfloat16 in the default one.
 @pytest.fixture(scope="module", params=["mixed_bfloat16", pytest.param("mixed_float16", marks=pytest.mark.slow)])
 def conditional_mixed_precision_export(request, tmp_path_factory):

@@ -103,3 +103,20 @@ def test_an_exports_steps_are_the_default_only_for_its_own_sampler():
     assert resolve_sampling(exported, 1000, sampler="ddpm") == ("ddpm", 1000, 0.5)
     assert resolve_sampling(exported, 1000, steps=7, eta=0.0) == ("dpm++", 7, 0.0)
     assert resolve_sampling({"sampler": "ddim", "eta": 0.0}, 100) == ("ddim", 50, 0.0)  # a model in memory
+
+
+def test_step_reports_follow_every_network_call_and_leave_the_images_alone(trained_model):
+    calls = []
+    reported = trained_model.generate(3, seed=2, steps=5, sampler="ddpm", on_step=calls.append)
+    assert calls == [1, 2, 3, 4, 5]
+    np.testing.assert_array_equal(reported, trained_model.generate(3, seed=2, steps=5, sampler="ddpm"))
+    trained_model.generate(3, seed=2, steps=5, sampler="ddpm")  # the listener is unset between calls
+    assert calls == [1, 2, 3, 4, 5]
+
+
+def test_the_progress_bar_counts_network_calls_across_batches(trained_model, capsys):
+    images = generate_in_batches(trained_model, 5, batch_size=2, seed=1, steps=4)
+    out = capsys.readouterr().out
+    assert "Sampling 5 images: ddim, 4 network calls each, eta 0, in batches of 2." in out
+    assert "12/12" in out  # three batches of four calls
+    np.testing.assert_array_equal(images, trained_model.generate(5, seed=1, steps=4))
