@@ -38,6 +38,7 @@ from keras_ddpm import generation, samplers
 from keras_ddpm.generation import generate_in_batches
 from keras_ddpm.runs import load_generator, sampling_precision
 
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=pathlib.Path, required=True, help="the model (D1): export or run directory")

@@ -15,11 +15,12 @@ and run the ODE from t_max back down to t_min; then finish the ODE to t = 0. Eac
 DPM-Solver++(2M) (`samplers.dpmpp_2m_step`), spaced evenly in log-SNR, restarting first order after a jump.
 
 A restart is given as `sigma_min:sigma_max:K:steps`, the interval in EDM noise levels
-sigma = sqrt((1 - alpha_bar) / alpha_bar) (Karras et al. 2022; snapped to the schedule's timesteps, t_min to the
-main ODE's nearest point), K jumps and `steps` network calls for each run down. `0` is the plain ODE, which draws
+sigma = sqrt((1 - alpha_bar) / alpha_bar) (Karras et al. 2022; snapped to the schedule's timesteps, t_min then to
+the main ODE's nearest timestep), K jumps and `steps` network calls for each run down (fewer if rounding to integer
+timesteps merges some; `_network_calls` counts them). `0` is the plain ODE, which draws
 the same images as `samplers.sample(..., "dpm++", eta=0)`. A run costs `--main_steps + K * steps` network calls.
 
-Each configuration draws `--num_images` samples from the seeds `--seed`, `--seed` + 1, ..., keeps the first 64 as
+Each configuration (traced anew, which `_seconds` includes) draws `--num_images` samples from the seeds `--seed`, `--seed` + 1, ..., keeps the first 64 as
 <grid_dir>/restart_<spec>_s<seed>.png and, from 128 images on, scores them against as many held-out faces. Prints
 `key value` lines: floor_swd_mean, floor_face_fd, floor_face_landmark_fd (from 128 images), and per configuration
 <name>_network_calls, _seconds, _swd_mean, _face_rate, _face_fd, _face_landmark_fd.
@@ -41,6 +42,7 @@ import common
 from keras_ddpm import samplers
 from keras_ddpm.generation import generate_in_batches
 from keras_ddpm.runs import load_generator
+
 
 @dataclasses.dataclass(frozen=True)
 class Restart:
@@ -163,8 +165,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data_dir", default=None, help="CelebA folder (default: CELEBA_DIR)")
     parser.add_argument("--grid_dir", type=pathlib.Path, required=True, help="where the 64-image grids go")
     args = parser.parse_args()
-    if args.num_images < 1 or args.batch_size < 1 or args.main_steps < 2:
-        parser.error("--num_images and --batch_size must be at least 1, and --main_steps at least 2.")
+    if args.num_images < 1 or args.batch_size < 1:
+        parser.error(f"--num_images and --batch_size must be at least 1, got {args.num_images} and {args.batch_size}.")
+    if args.main_steps < 3:  # a restart needs a main timestep between the first and t = 0
+        parser.error(f"--main_steps must be at least 3, got {args.main_steps}.")
     return args
 
 

@@ -155,18 +155,22 @@ SAMPLER_SIGNATURE = [
 
 
 class StepListener:
-    """The host side of a compiled sampler's step reports: the loop calls `in_graph(i)` after step i's network
-    call, a `tf.py_function` that hands `i + 1` to `callback` while one is set (`run_sampler` sets it)."""
+    """The host side of a compiled sampler's step reports: after each step the loop calls `in_graph(steps_done)`, a
+    `tf.py_function` that hands the count to `callback` while one is set (`run_sampler` sets it for one call).
+
+    One listener per compiled function: two threads sampling with step reports through the same function at once
+    would hear each other's steps.
+    """
 
     def __init__(self):
         self.callback: StepCallback | None = None
 
-    def in_graph(self, step: tf.Tensor) -> None:
-        tf.py_function(self._report, [step], [])
+    def in_graph(self, steps_done: tf.Tensor) -> None:
+        tf.py_function(self._report, [steps_done], [])
 
-    def _report(self, step) -> None:
+    def _report(self, steps_done) -> None:
         if self.callback is not None:
-            self.callback(int(step) + 1)
+            self.callback(int(steps_done))
 
 
 def compile_sampler(network_output: NetworkOutput, schedule: NoiseSchedule, objective: str, image_shape,

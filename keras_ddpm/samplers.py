@@ -237,7 +237,7 @@ def sample(
             `DEFAULT_SPACING[sampler]`.
         ddpm_variance: the DDPM step's `posterior_variance` (DDPM's sigma_t^2), `"beta_tilde"` or `"beta"`.
         return_trajectory: also return x_t before each step, [S, B, H, W, C] (for process figures).
-        on_step: called in the loop with the index of each step once its network call is done: a host-side
+        on_step: called in the loop after each step with the number of steps done (a tensor, 1 to S): a host-side
             progress report (`generation.StepListener`). Exported graphs take none.
 
     Returns:
@@ -274,7 +274,8 @@ def sample(
         # which halves the tracing, loading and graph optimisation of samplers and exported SavedModels.
         x_t = tf.cond(i < num_steps - 1, step, lambda: pred_images)
         if on_step is not None:
-            on_step(i)
+            with tf.control_dependencies([x_t]):  # after the network call, not merely after the counter
+                on_step(i + 1)
         return i + 1, x_t, pred_images, trajectory
 
     x_T = per_image_noise(seeds, 0, image_shape)

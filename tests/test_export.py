@@ -204,13 +204,27 @@ def test_clients_of_the_library_respect_the_batch_cap(export_dir):
 
 
 def test_an_export_reports_steps_of_other_samplers_but_not_of_its_own(export_dir, model):
-    """Its own `generate` signature is a graph without a way back to Python; the other samplers run here."""
+    """Its own `generate` signature runs inside the SavedModel; the other samplers run here and report."""
     generator = load_generator(export_dir)
     own, other = [], []
     generator.generate(seeds=[0, 1], steps=3, on_step=own.append)
     images = generator.generate(seeds=[0, 1], steps=3, sampler="ddpm", on_step=other.append)
     assert own == [] and other == [1, 2, 3]
     np.testing.assert_array_equal(images, model.generate(seeds=[0, 1], steps=3, sampler="ddpm"))
+
+
+def test_step_reports_never_reach_an_exported_graph(model, tmp_path):
+    """A model that has sampled with step reports exports graphs without a Python call in them (TF Serving has none)."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    model.generate(seeds=[0], steps=2, sampler=model.metadata["sampler"], on_step=lambda calls: None)
+    version_dir = export_savedmodel(model, tmp_path, version=1, steps=2, metadata={"dataset": "toy"})
+    saved_model = saved_model_pb2.SavedModel.FromString((version_dir / "saved_model.pb").read_bytes())
+    graph = saved_model.meta_graphs[0].graph_def
+    ops = {node.op for node in graph.node}
+    ops.update(node.op for function in graph.library.function for node in function.node_def)
+    assert "While" in ops or "StatelessWhile" in ops  # the sampling loop is in there
+    assert not ops & {"PyFunc", "EagerPyFunc", "PyFuncStateless"}
 
 
 # float16 is emulated on CPUs (slow): the GPU recipe's policy runs in the full run, bfloat16 in the default one.

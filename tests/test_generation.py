@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from keras_ddpm import plots
-from keras_ddpm.generation import check_request, generate_in_batches, resolve_sampling
+from keras_ddpm.generation import CallProgress, check_request, generate_in_batches, resolve_sampling
 from keras_ddpm.model import DiffusionModel
 from keras_ddpm.schedule import NoiseSchedule
 from keras_ddpm.unet import build_unet
@@ -110,13 +110,17 @@ def test_step_reports_follow_every_network_call_and_leave_the_images_alone(train
     reported = trained_model.generate(3, seed=2, steps=5, sampler="ddpm", on_step=calls.append)
     assert calls == [1, 2, 3, 4, 5]
     np.testing.assert_array_equal(reported, trained_model.generate(3, seed=2, steps=5, sampler="ddpm"))
-    trained_model.generate(3, seed=2, steps=5, sampler="ddpm")  # the listener is unset between calls
-    assert calls == [1, 2, 3, 4, 5]
+    assert trained_model.sample_function("ddpm", report_steps=True).step_listener.callback is None  # unset after
 
 
-def test_the_progress_bar_counts_network_calls_across_batches(trained_model, capsys):
+def test_the_progress_bar_counts_network_calls_across_batches(trained_model, capsys, monkeypatch):
+    reached = []
+    original_reach = CallProgress.reach
+    monkeypatch.setattr(CallProgress, "reach", lambda self, calls: (reached.append(calls), original_reach(self, calls)))
     images = generate_in_batches(trained_model, 5, batch_size=2, seed=1, steps=4)
     out = capsys.readouterr().out
     assert "Sampling 5 images: ddim, 4 network calls each, eta 0, in batches of 2." in out
     assert "12/12" in out  # three batches of four calls
+    # each call of each batch, then the batch's end (which moves the bar only for generators that do not report)
+    assert reached == [1, 2, 3, 4, 4, 5, 6, 7, 8, 8, 9, 10, 11, 12, 12]
     np.testing.assert_array_equal(images, trained_model.generate(5, seed=1, steps=4))

@@ -1,5 +1,6 @@
 """bench/restart_sampling.py: its path and its sampler, checked on Gaussian data as tests/test_samplers.py does."""
 
+import argparse
 import sys
 import types
 
@@ -43,7 +44,7 @@ def test_parse_reads_a_restart_and_refuses_nonsense():
     assert Restart.parse("1:5:2:10") == Restart(1.0, 5.0, 2, 10)
     assert Restart.parse("0") is None
     for bad in ("1:5:2", "5:1:2:10", "1:5:0:10", "a:b:c:d"):
-        with pytest.raises(Exception, match="sigma_min:sigma_max|0 < sigma_min"):
+        with pytest.raises(argparse.ArgumentTypeError, match="sigma_min:sigma_max|0 < sigma_min"):
             Restart.parse(bad)
 
 
