@@ -3,8 +3,8 @@
     python bench/restart_sampling.py --model=savedmodel --restarts 0 1:5:2:10 --grid_dir=$HOME/runs/restart \
         [--num_images=512 --data_dir=../shared/data/celeba]
 
-The shipped model's ODE sampler (DPM-Solver++-20) breaks about one face in seven of its 64-face grid, DDPM with all
-1,000 steps about one in 64 (REPORT.md 6.14): the fresh noise of a stochastic sampler washes out errors that an ODE
+The shipped model's ODE sampler (DPM-Solver++-20) breaks about one face in ten, DDPM with all 1,000 steps about
+one in twenty (REPORT.md 6.14, blind raters): the fresh noise of a stochastic sampler washes out errors that an ODE
 carries to the end, but it needs many small steps to do it. Restart sampling (Xu et al. 2023, "Restart Sampling for Improving
 Generative Processes", Algorithm 1) keeps the ODE's accuracy and gets the noise's contraction in one interval
 [t_min, t_max]: run the ODE down to t_min, then K times jump forward to t_max with the forward process,
