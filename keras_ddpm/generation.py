@@ -57,7 +57,7 @@ class Generator(Protocol):
     def generate(self, num_images: int | None = None, *, seed: int = 0, seeds=None, steps: int | None = None,
                  sampler: samplers.SamplerName | None = None, eta: float | None = None,
                  spacing: samplers.Spacing | None = None, labels=None, guidance: float = 1.0,
-                 return_trajectory: bool = False, on_step: "StepCallback | None" = None):
+                 return_trajectory: bool = False, on_step: StepCallback | None = None):
         """uint8 images [N, H, W, C] (and the float trajectory [S, N, H, W, C] when asked); see `check_request`.
 
         `on_step(calls_done)` follows the sampler's network calls where it can (not through an export's own
