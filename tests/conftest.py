@@ -1,5 +1,6 @@
 import os
 import pathlib
+import types
 
 import pytest
 
@@ -30,3 +31,18 @@ def _float32_policy():
     keras.mixed_precision.set_dtype_policy("float32")
     yield
     keras.mixed_precision.set_dtype_policy("float32")
+
+
+def gaussian_generator(schedule, mu: float, std: float, image_shape):
+    """What a sampler needs of a `Generator`, with the exact epsilon-prediction for N(mu, std^2) data: a denoiser
+    whose samples have a known distribution (tests of the benchmark samplers)."""
+    import tensorflow as tf
+
+    def network_output(inputs):
+        x_t, t = inputs
+        signal_rates, noise_rates = schedule.rates(t)
+        alpha_bar = tf.square(signal_rates)
+        return noise_rates * (x_t - signal_rates * mu) / (alpha_bar * std**2 + 1.0 - alpha_bar)
+
+    return types.SimpleNamespace(schedule=schedule, objective="epsilon", image_shape=image_shape,
+                                 network_output=network_output, max_batch_size=None)

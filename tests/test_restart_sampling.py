@@ -2,12 +2,12 @@
 
 import argparse
 import sys
-import types
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+import conftest
 from conftest import REPO
 from keras_ddpm import samplers
 from keras_ddpm.schedule import NoiseSchedule
@@ -22,16 +22,7 @@ IMAGE_SHAPE = (16, 16, 1)
 
 
 def gaussian_generator(schedule):
-    """What the sampler needs of a Generator, with the optimal epsilon-prediction of N(MU, STD^2) data."""
-
-    def network_output(inputs):
-        x_t, t = inputs
-        signal_rates, noise_rates = schedule.rates(t)
-        alpha_bar = tf.square(signal_rates)
-        return noise_rates * (x_t - signal_rates * MU) / (alpha_bar * STD**2 + 1.0 - alpha_bar)
-
-    return types.SimpleNamespace(schedule=schedule, objective="epsilon", image_shape=IMAGE_SHAPE,
-                                 network_output=network_output, max_batch_size=None)
+    return conftest.gaussian_generator(schedule, MU, STD, IMAGE_SHAPE)
 
 
 def float_samples(generator, path, num_images=32):
