@@ -40,8 +40,10 @@ def test_the_path_has_every_timestep_inside_the_band_and_the_odes_outside():
     assert not is_ddpm[-1]  # t = 0 returns x0_hat
 
 
-@pytest.mark.parametrize("band, sampler, steps", [(None, "dpm++", 20), ((0.0, float("inf")), "ddpm", 1000)],
-                         ids=["none_is_the_ode", "everything_is_ddpm_1000"])
+@pytest.mark.parametrize("band, sampler, steps", [
+    pytest.param(None, "dpm++", 20, id="none_is_the_ode"),
+    pytest.param((0.0, float("inf")), "ddpm", 1000, id="everything_is_ddpm_1000", marks=pytest.mark.slow),
+])
 def test_the_ends_draw_the_library_images(band, sampler, steps):
     schedule = NoiseSchedule()
     generator = gaussian_generator(schedule, MU, STD, IMAGE_SHAPE)
