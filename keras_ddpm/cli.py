@@ -88,9 +88,9 @@ def define_model_flags(script_file: str, verb: str, flag_values: flags.FlagValue
     flags.DEFINE_enum("sampler", None, list(SAMPLERS), "Sampler; default: the one the model was exported with (ddim "
                       "for a run directory).", flag_values=flag_values)
     flags.DEFINE_integer("steps", None, "Network evaluations per image; default: the export's for its own sampler, "
-                         "else T (ddpm: every step), 50 (ddim), 20 (dpm++).", flag_values=flag_values)
-    flags.DEFINE_float("eta", None, "Noise of DDIM and DPM-Solver++ in [0, 1] (0: deterministic); default: the "
-                       "model's (0 for run directories).", flag_values=flag_values)
+                         "else T (ddpm: every step), 50 (ddim), 20 (dpm++), 199 (edm).", flag_values=flag_values)
+    flags.DEFINE_float("eta", None, "Noise of DDIM, DPM-Solver++ and EDM in [0, 1] (0: deterministic); default: the "
+                       "export's for its own sampler, else 0.", flag_values=flag_values)
 
 
 # -- flags from the config dataclasses --------------------------------------------------------------------

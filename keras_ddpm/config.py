@@ -21,7 +21,7 @@ SCHEDULES = ("linear", "cosine")
 OBJECTIVES = ("epsilon", "v")
 LOSS_WEIGHTINGS = ("none", "min_snr")
 TIMESTEP_SAMPLINGS = ("uniform", "log_normal")
-SAMPLERS = ("ddpm", "ddim", "dpm++")
+SAMPLERS = ("ddpm", "ddim", "dpm++", "edm")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 AUTO_PRECISION = ("auto: mixed_float16 on a GPU, mixed_bfloat16 on a CPU with native bf16 (AMX-BF16 or AVX512_BF16), "
                   "float32 elsewhere")
@@ -165,7 +165,7 @@ class TrainConfig:
     export: bool = setting(True, "Export <output_dir>/savedmodel/1 at the end.")
     export_sampler: str = setting("ddim", "The export's default sampler (serving_default).", SAMPLERS)
     export_steps: int = setting(50, "The export's default number of sampling steps.")
-    export_eta: float = setting(0.0, "The export's default eta in [0, 1] (DDIM's and DPM-Solver++'s noise; 0: the ODE); also used for sample grids and SWD.")
+    export_eta: float = setting(0.0, "The export's default eta in [0, 1] (DDIM's, DPM-Solver++'s and EDM's noise; 0: the ODE); also used for sample grids and SWD.")
     export_max_batch: int = setting(
         64, "Most seeds (or denoise images) one request to the export may hold; more fail with INVALID_ARGUMENT.")
     verbose: int | str = setting("auto", "Keras' fit() verbosity.", flag="")

@@ -93,14 +93,17 @@ def sampling_defaults(generator: Generator, sampler=None, steps=None, eta=None) 
 def resolve_sampling(defaults: dict, num_timesteps: int, sampler=None, steps=None, eta=None) -> tuple[str, int, float]:
     """`sampler`, `steps` and `eta` as asked, else from `defaults` (`sampler`, `eta` and maybe `steps`).
 
-    The default steps are `defaults["steps"]` only for the default sampler (20 DPM-Solver++ steps say nothing
-    about DDPM); another sampler takes its own (`samplers.default_steps`). The default eta holds for any sampler.
+    The default steps and eta are `defaults["steps"]` and `defaults["eta"]` only for the default sampler (EDM's
+    199 steps at eta 1 say nothing about DPM-Solver++); another sampler takes its own steps
+    (`samplers.default_steps`) and eta 0, its deterministic form.
     """
     sampler = samplers.check_sampler(sampler or defaults["sampler"])
+    own_sampler = sampler == defaults["sampler"]
     if steps is None:
-        own_steps = defaults.get("steps") if sampler == defaults["sampler"] else None
-        steps = own_steps or samplers.default_steps(sampler, num_timesteps)
-    return sampler, int(steps), defaults["eta"] if eta is None else eta
+        steps = (defaults.get("steps") if own_sampler else None) or samplers.default_steps(sampler, num_timesteps)
+    if eta is None:
+        eta = defaults["eta"] if own_sampler else 0.0
+    return sampler, int(steps), eta
 
 
 def check_request(generator: Generator, num_images=None, seed=0, seeds=None, steps=None, sampler=None, eta=None,

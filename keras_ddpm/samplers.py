@@ -12,8 +12,13 @@ The update from t to the next timestep is one of:
   (Lu et al. 2022, Algorithm 2), for 10-25 steps; with `eta = 1` its SDE form, SDE-DPM-Solver++(2M) (same paper,
   Section 5), whose fresh noise at every step can wash out errors of earlier steps that an ODE carries along.
 
-The last step of all three is the same: from t_{S-1} the sample is the denoiser's x0 estimate. So S steps cost
-S network calls. The loop is a `tf.while_loop`; randomness is stateless and per image (image b uses the seed
+- `"edm"`: the stochastic sampler of Karras et al. 2022 ("Elucidating the Design Space of Diffusion-Based
+  Generative Models", Algorithm 2): Heun's second-order steps of the ODE in sigma (two network calls a step), each
+  after a "churn" that adds noise to raise the noise level by a factor 1 + gamma, with gamma = eta (sqrt(2) - 1)
+  for noise levels in `EDM_CHURN_SIGMAS`; `eta = 0` is Heun's ODE sampler (their Algorithm 1).
+
+The last step of all four is the same: from t_{S-1} the sample is the denoiser's x0 estimate. So S steps cost
+S network calls (EDM too: see `edm_levels`). The loop is a `tf.while_loop`; randomness is stateless and per image (image b uses the seed
 `seeds[b]`), so an image depends only on its own seed, never on the batch it was drawn in.
 
 Notation. The three papers name the same quantities differently (DDIM's alpha_t is DDPM's alpha-bar_t, and
@@ -34,7 +39,8 @@ name per quantity:
     t, t_prev           this timestep and the next, smaller     t, t-1              tau_i, tau_i-1    t_i-1, t_i
 
 In the code "sigma" alone is never used: it is `noise_rate` (DPM-Solver's sigma_t) or `step_noise_std`
-(DDPM's and DDIM's sigma_t).
+(DDPM's and DDIM's sigma_t), except in EDM's sampler, whose `edm_sigma` = noise_rate / signal_rate is EDM's sigma:
+x_t / signal_rate = x_0 + edm_sigma * noise.
 """
 
 from typing import Callable, Literal, get_args
@@ -43,13 +49,18 @@ import tensorflow as tf
 
 from keras_ddpm.schedule import NoiseSchedule, PosteriorVariance
 
-SamplerName = Literal["ddpm", "ddim", "dpm++"]
-Spacing = Literal["uniform", "quadratic", "logsnr"]
+SamplerName = Literal["ddpm", "ddim", "dpm++", "edm"]
+Spacing = Literal["uniform", "quadratic", "logsnr", "karras"]
 SAMPLERS = get_args(SamplerName)
-SPACINGS = ("uniform", "quadratic", "logsnr")
+SPACINGS = get_args(Spacing)
 # DPM-Solver++ takes its largest steps in log-SNR, so it is spaced there (Lu et al. 2022); on Gaussian data
-# (tests/test_samplers.py) uniform-in-t spacing leaves it 39% off the true std at 10 steps, log-SNR 3%.
-DEFAULT_SPACING = {"ddpm": "uniform", "ddim": "uniform", "dpm++": "logsnr"}
+# (tests/test_samplers.py) uniform-in-t spacing leaves it 39% off the true std at 10 steps, log-SNR 3%. EDM's
+# sampler takes its levels evenly spaced in sigma^(1/7) (Karras et al. 2022, Eq. 5).
+DEFAULT_SPACING = {"ddpm": "uniform", "ddim": "uniform", "dpm++": "logsnr", "edm": "karras"}
+KARRAS_RHO = 7.0
+# EDM's churn acts only on noise levels in [S_tmin, S_tmax] (edm_sigma); these are its ImageNet-64 values
+# (Karras et al. 2022, Table 5), which on the shipped CelebA model halved the broken faces (REPORT.md 6.18).
+EDM_CHURN_SIGMAS = (0.05, 50.0)
 
 Denoiser = Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
 
@@ -62,8 +73,9 @@ def check_sampler(sampler) -> SamplerName:
 
 
 def default_steps(sampler: SamplerName, num_timesteps: int) -> int:
-    """Network evaluations when none are asked for: all T for DDPM, 50 for DDIM, 20 for DPM-Solver++."""
-    return {"ddpm": num_timesteps, "ddim": 50, "dpm++": 20}[check_sampler(sampler)]
+    """Network evaluations when none are asked for: all T for DDPM, 50 for DDIM, 20 for DPM-Solver++, 199 for EDM
+    (100 noise levels, the fewest measured to draw as many whole faces as DDPM-1000, REPORT.md 6.18)."""
+    return {"ddpm": num_timesteps, "ddim": 50, "dpm++": 20, "edm": 199}[check_sampler(sampler)]
 
 
 def guide(strong, weak, guidance):
@@ -118,7 +130,8 @@ def sampling_timesteps(schedule: NoiseSchedule, num_steps, spacing: Spacing = "u
     Spacings (all start at T - 1 and end at 0):
     - `"uniform"`: evenly spaced in t from T - 1 to 0 (Lin et al. 2024 show that starting at T - 1 matters);
     - `"quadratic"`: t grows with the square of the step index, denser near the data (Song et al. 2021, App. D.2);
-    - `"logsnr"`: evenly spaced in log-SNR lambda_t (Lu et al. 2022 recommend it for DPM-Solver).
+    - `"logsnr"`: evenly spaced in log-SNR lambda_t (Lu et al. 2022 recommend it for DPM-Solver);
+    - `"karras"`: evenly spaced in edm_sigma^(1/7), denser near the data (Karras et al. 2022, Eq. 5, for EDM).
     `num_steps` may be a tensor (the SavedModel passes one) and must be in [1, T].
     """
     T = schedule.num_timesteps
@@ -132,6 +145,10 @@ def sampling_timesteps(schedule: NoiseSchedule, num_steps, spacing: Spacing = "u
         half_log_snr = 0.5 * tf.math.log(schedule.snr(tf.range(T)))  # decreasing in t
         targets = half_log_snr[0] + fractions * (half_log_snr[-1] - half_log_snr[0])
         ascending = tf.cast(tf.searchsorted(-half_log_snr, -targets), tf.float32)
+    elif spacing == "karras":
+        root_sigma = tf.pow(edm_sigma(schedule, tf.constant([0, T - 1])), 1.0 / KARRAS_RHO)
+        targets = tf.pow(root_sigma[0] + fractions * (root_sigma[1] - root_sigma[0]), KARRAS_RHO)
+        ascending = tf.cast(schedule.nearest_timesteps(tf.math.log(targets)), tf.float32)
     else:
         raise ValueError(f"Unknown timestep spacing {spacing!r}; choose one of {SPACINGS}.")
     ascending = tf.cast(tf.round(ascending), tf.int32)
@@ -206,6 +223,95 @@ def dpmpp_2m_step(schedule, x_t, pred_images, previous_pred_images, t, t_prev, t
     return x_t_rate * x_t + data_rate * data_estimate + step_noise_std * noise
 
 
+def edm_sigma(schedule: NoiseSchedule, t) -> tf.Tensor:
+    """EDM's noise level sqrt((1 - alpha_bar_t) / alpha_bar_t) of timestep t (0 at t = -1, the data): x_t divided
+    by its signal rate is x_0 + edm_sigma * noise (Karras et al. 2022, Eq. 1 with s(t) = sqrt(alpha_bar_t))."""
+    alpha_bar = schedule.alpha_bar_at(t)
+    return tf.sqrt((1.0 - alpha_bar) / alpha_bar)
+
+
+def edm_churned_timestep(schedule: NoiseSchedule, t, gamma, churn_sigmas=EDM_CHURN_SIGMAS) -> tf.Tensor:
+    """The timestep of the raised noise level edm_sigma_t (1 + gamma) (Karras et al. 2022, Algorithm 2, lines 4-5),
+    snapped to the nearest timestep at or above t; t itself outside `churn_sigmas`."""
+    sigma = edm_sigma(schedule, t)
+    in_band = (churn_sigmas[0] <= sigma) & (sigma <= churn_sigmas[1])
+    raised = schedule.nearest_timesteps(tf.reshape(tf.math.log(sigma * (1.0 + gamma)), [1]))[0]
+    return tf.where(in_band, tf.maximum(t, raised), t)
+
+
+def edm_levels(schedule: NoiseSchedule, num_calls, spacing: Spacing = "karras") -> tf.Tensor:
+    """The noise levels (timesteps) EDM's sampler visits in `num_calls` network calls: num_calls // 2 + 1 of them,
+    Heun-corrected (2 calls) but the last and, for an even budget, the first."""
+    return sampling_timesteps(schedule, tf.cast(num_calls, tf.int32) // 2 + 1, spacing)
+
+
+def edm_loop(denoise: Denoiser, schedule: NoiseSchedule, seeds, image_shape, num_calls, levels, gamma,
+             churn_sigmas=EDM_CHURN_SIGMAS, return_trajectory=False, on_step=None):
+    """EDM's stochastic sampler (Karras et al. 2022, Algorithm 2) over the decreasing timesteps `levels`, in
+    `num_calls` network calls (2 per level but the last, 1 for the first too when `num_calls` is even).
+
+    At level t_i (edm_sigma sigma_i; x is in the sigma space x_t / signal_rate):
+        churn:     sigma_hat = edm_sigma(t_hat), t_hat = `edm_churned_timestep(t_i, gamma)`,
+                   x_hat = x + sqrt(sigma_hat^2 - sigma_i^2) noise;
+        Euler:     d = (x_hat - D(x_hat; sigma_hat)) / sigma_hat,  x' = x_hat + (sigma_{i+1} - sigma_hat) d;
+        Heun:      x_{i+1} = x_hat + (sigma_{i+1} - sigma_hat) (d + d') / 2,  d' = (x' - D(x'; sigma_{i+1})) / sigma_{i+1};
+    and the last level returns D(x_hat; sigma_hat). D is `denoise`'s x0 estimate; the noise of level i is drawn with
+    counter i + 1. Each loop iteration is one network call, so the network appears once in the graph.
+    """
+    num_calls = tf.cast(num_calls, tf.int32)
+    num_levels = tf.shape(levels)[0]
+    levels = tf.concat([levels, [-1]], 0)  # t = -1 after the last level: edm_sigma 0
+    euler_only_first = num_calls % 2 == 0  # an even budget skips the first level's correction
+    batch_size = tf.shape(seeds)[0]
+
+    def call_network(x, t):
+        signal_rate, _ = schedule.rates(t, ndim=0)
+        pred_images, _ = denoise(x * signal_rate, tf.fill([batch_size], t))
+        return pred_images, x * signal_rate
+
+    def body(i, level, correcting, x, x_hat, t_hat, d, trajectory):
+        t, t_next = levels[level], levels[level + 1]
+
+        def churn():
+            raised = edm_churned_timestep(schedule, t, gamma, churn_sigmas)
+            added_std = tf.sqrt(tf.square(edm_sigma(schedule, raised)) - tf.square(edm_sigma(schedule, t)))
+            return x + added_std * per_image_noise(seeds, level + 1, image_shape), raised
+
+        x_hat, t_hat = tf.cond(correcting, lambda: (x_hat, t_hat), churn)
+        x_in, t_in = tf.cond(correcting, lambda: (x, t_next), lambda: (x_hat, t_hat))
+        pred_images, network_input = call_network(x_in, t_in)
+        trajectory = trajectory.write(i, network_input) if return_trajectory else trajectory
+        slope = (x_in - pred_images) / edm_sigma(schedule, t_in)
+        step = edm_sigma(schedule, t_next) - edm_sigma(schedule, t_hat)
+        corrects = (t_next >= 0) & ~(euler_only_first & (level == 0))
+
+        def heun():
+            return x_hat + step * 0.5 * (d + slope), level + 1, tf.constant(False), d
+
+        def euler():
+            x_euler = tf.where(t_next >= 0, x_hat + step * slope, pred_images)
+            return x_euler, tf.where(corrects, level, level + 1), corrects, slope
+
+        x, level, correcting, d = tf.cond(correcting, heun, euler)
+        if on_step is not None:
+            with tf.control_dependencies([x]):
+                on_step(i + 1)
+        return i + 1, level, correcting, x, x_hat, t_hat, d, trajectory
+
+    x_T = per_image_noise(seeds, 0, image_shape)
+    x_start = x_T / schedule.rates(levels[0], ndim=0)[0]
+    trajectory = tf.TensorArray(tf.float32, size=num_calls if return_trajectory else 0)
+    zero = tf.constant(0)
+    _, _, _, images, _, _, _, trajectory = tf.while_loop(
+        lambda i, level, *_: level < num_levels,
+        body,
+        (zero, zero, tf.constant(False), x_start, x_start, levels[0], tf.zeros_like(x_start), trajectory),
+    )
+    if return_trajectory:
+        return images, trajectory.stack()
+    return images
+
+
 def sample(
     denoise: Denoiser,
     schedule: NoiseSchedule,
@@ -230,9 +336,9 @@ def sample(
             for the noise of step i.
         image_shape: (H, W, C).
         num_steps: number of network evaluations S (a Python int or a scalar tensor), 1 <= S <= T.
-        sampler: `"ddpm"`, `"ddim"` or `"dpm++"`.
-        eta: the stochasticity of DDIM and DPM-Solver++ in [0, 1]: 0 solves the ODE, 1 adds DDPM's noise
-            (ignored by DDPM).
+        sampler: `"ddpm"`, `"ddim"`, `"dpm++"` or `"edm"`.
+        eta: the stochasticity of DDIM, DPM-Solver++ and EDM in [0, 1]: 0 solves the ODE, 1 adds DDPM's noise
+            (EDM: its largest churn, gamma = sqrt(2) - 1, for noise levels in `EDM_CHURN_SIGMAS`; ignored by DDPM).
         spacing: how the S timesteps are spread over [0, T) (see `sampling_timesteps`); default
             `DEFAULT_SPACING[sampler]`.
         ddpm_variance: the DDPM step's `posterior_variance` (DDPM's sigma_t^2), `"beta_tilde"` or `"beta"`.
@@ -244,6 +350,11 @@ def sample(
         Images float32 [B, H, W, C] (and the trajectory when asked).
     """
     check_sampler(sampler)
+    if sampler == "edm":
+        levels = edm_levels(schedule, num_steps, spacing or DEFAULT_SPACING[sampler])
+        gamma = tf.cast(eta, tf.float32) * (2.0**0.5 - 1.0)  # EDM's largest churn at eta = 1: twice the variance
+        return edm_loop(denoise, schedule, seeds, image_shape, num_steps, levels, gamma,
+                        return_trajectory=return_trajectory, on_step=on_step)
     timesteps = sampling_timesteps(schedule, num_steps, spacing or DEFAULT_SPACING[sampler])
     num_steps = tf.shape(timesteps)[0]
     batch_size = tf.shape(seeds)[0]

@@ -96,11 +96,12 @@ def test_training_curves_plot_the_monitored_epochs_in_a_panel_of_their_own(tmp_p
     assert heights[1] > 1.5 * heights[0]  # the panel is there only when the run monitored
 
 
-def test_an_exports_steps_are_the_default_only_for_its_own_sampler():
+def test_an_exports_steps_and_eta_are_the_default_only_for_its_own_sampler():
     exported = {"sampler": "dpm++", "steps": 12, "eta": 0.5}
     assert resolve_sampling(exported, 1000) == ("dpm++", 12, 0.5)
-    assert resolve_sampling(exported, 1000, sampler="ddim") == ("ddim", 50, 0.5)
-    assert resolve_sampling(exported, 1000, sampler="ddpm") == ("ddpm", 1000, 0.5)
+    assert resolve_sampling(exported, 1000, sampler="ddim") == ("ddim", 50, 0.0)
+    assert resolve_sampling(exported, 1000, sampler="ddpm") == ("ddpm", 1000, 0.0)
+    assert resolve_sampling(exported, 1000, sampler="edm", eta=1.0) == ("edm", 199, 1.0)
     assert resolve_sampling(exported, 1000, steps=7, eta=0.0) == ("dpm++", 7, 0.0)
     assert resolve_sampling({"sampler": "ddim", "eta": 0.0}, 100) == ("ddim", 50, 0.0)  # a model in memory
 

@@ -90,9 +90,30 @@ def reference_moments(sampler, timesteps, eta=0.0, mu=MU, std=STD):
     return x0[-1], np.linalg.norm(x0[:-1])
 
 
+def edm_reference_moments(levels, raised_levels, euler_only_first, mu=MU, std=STD):
+    """Exact mean and std of EDM's Algorithm 2 (Karras et al. 2022) on Gaussian data, in float64, as above: x is
+    in the sigma space, where the optimal denoiser is D(x; sigma) = mu + std^2 / (std^2 + sigma^2) (x - mu).
+    `raised_levels[i]` is the timestep level i is churned up to (the library's snapping, as `levels` is)."""
+    alpha_bars = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
+    sigma = lambda t: 0.0 if t < 0 else np.sqrt((1 - alpha_bars[t]) / alpha_bars[t])  # noqa: E731
+    draws = np.eye(len(levels) + 2)  # draws[0]: the initial noise, [i + 1]: level i's churn, [-1]: the constant 1
+    denoise = lambda x, s: mu * draws[-1] + std**2 / (std**2 + s**2) * (x - mu * draws[-1])  # noqa: E731
+    x = draws[0] * np.sqrt(1 + sigma(levels[0]) ** 2)
+    for i, (t, t_hat) in enumerate(zip(levels, raised_levels)):
+        s, s_hat, s_next = sigma(t), sigma(t_hat), sigma(levels[i + 1] if i + 1 < len(levels) else -1)
+        x_hat = x + np.sqrt(s_hat**2 - s**2) * draws[i + 1]
+        d = (x_hat - denoise(x_hat, s_hat)) / s_hat
+        x = x_hat + (s_next - s_hat) * d
+        if s_next > 0 and not (euler_only_first and i == 0):
+            x = x_hat + (s_next - s_hat) * 0.5 * (d + (x - denoise(x, s_next)) / s_next)
+    return x[-1], np.linalg.norm(x[:-1])
+
+
 @pytest.mark.parametrize(
     "sampler, steps, kwargs",
     [
+        ("edm", 199, {}),
+        ("edm", 199, {"eta": 1.0}),
         ("ddpm", 1000, {}),
         ("ddpm", 1000, {"ddpm_variance": "beta"}),
         ("ddim", 1000, {"eta": 1.0}),
@@ -127,6 +148,30 @@ def test_stochastic_samplers_match_float64_reference(sampler, steps, eta):
     assert images.std() == pytest.approx(std, rel=0.03)
 
 
+@pytest.mark.parametrize("steps, eta", [(39, 0.0), (40, 0.0), (39, 1.0), (80, 0.5), (2, 0.0)])
+def test_edm_matches_float64_reference(steps, eta):
+    """EDM's Heun steps and churn against their equations computed independently, for odd and even budgets (an
+    even one skips the first level's correction); the reference takes the library's snapped levels."""
+    schedule = NoiseSchedule()
+    levels = samplers.edm_levels(schedule, steps)
+    gamma = eta * (np.sqrt(2) - 1)
+    raised = [int(samplers.edm_churned_timestep(schedule, t, gamma)) for t in levels]
+    mean, std = edm_reference_moments(levels.numpy(), raised, euler_only_first=steps % 2 == 0)
+    images = run("edm", steps, eta=eta)
+    assert images.mean() == pytest.approx(mean, abs=0.02)
+    assert images.std() == pytest.approx(std, rel=0.03)
+
+
+def test_edm_takes_as_many_network_calls_as_steps():
+    """One call per loop iteration (the trajectory has one entry per call): odd and even budgets alike."""
+    schedule = NoiseSchedule()
+    seeds = tf.range(2, dtype=tf.int64)
+    for steps in (1, 2, 7, 8):
+        _, trajectory = samplers.sample(gaussian_denoiser(schedule), schedule, seeds, IMAGE_SHAPE, steps, "edm",
+                                        return_trajectory=True)
+        assert trajectory.shape[0] == steps
+
+
 def test_sde_dpm_solver_starts_with_the_ddpm_posterior_step():
     """First order, SDE-DPM-Solver++ with eta = 1 is DDIM with eta = 1: the same image from the same noise."""
     np.testing.assert_allclose(run("dpm++", 2, eta=1.0, spacing="uniform"), run("ddim", 2, eta=1.0), atol=1e-5)
@@ -149,7 +194,7 @@ def test_v_prediction_and_cosine_schedule(sampler, steps):
     assert_gaussian(images, std_rtol=0.06)
 
 
-@pytest.mark.parametrize("sampler, steps", [("ddpm", 1000), ("dpm++", 20)])
+@pytest.mark.parametrize("sampler, steps", [("ddpm", 1000), ("dpm++", 20), ("edm", 199)])
 def test_a_broken_denoiser_fails_the_check(sampler, steps):
     with pytest.raises(AssertionError):
         assert_gaussian(run(sampler, steps, broken=True))
