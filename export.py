@@ -2,7 +2,9 @@
 
 train.py exports a run's last weights to `<run>/savedmodel/1` when it finishes. This exports any checkpoint of a
 run (`--checkpoint_step`, default the newest) into a base folder of your choice, also while the run trains: it
-only reads the run. The export samples with the run's `--export_sampler`, `--export_steps` and `--export_eta`
+only reads the run. `--model` may also be an export (one whose metadata records its model config): its network is
+exported again with other sampling defaults, e.g. `python export.py --model=savedmodel --export_dir=savedmodel
+--sampler=edm --eta=1`, which is how the shipped model got EDM's sampler after its run directory was gone. The export samples with the run's `--export_sampler`, `--export_steps` and `--export_eta`
 unless `--sampler`, `--steps` or `--eta` say otherwise, and its network computes in float32 unless `--precision`
 names another policy (an export's seeds give the images of the policy it was exported in). An existing version
 folder is replaced atomically: a failed export leaves it as it was. `--export_dir=savedmodel` replaces the
@@ -20,7 +22,8 @@ from keras_ddpm import cli  # noqa: E402
 from keras_ddpm.config import AUTO_PRECISION, PRECISIONS, SAMPLERS  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "The training run directory to export from.", required=True)
+flags.DEFINE_string("model", None, "The training run directory to export from, or an export to export again with "
+                    "other sampling defaults.", required=True)
 flags.DEFINE_integer("checkpoint_step", None, "Export the run's checkpoint of this step, not the newest.")
 flags.DEFINE_string("export_dir", None, "The model's base folder (TF Serving's model_base_path).", required=True)
 flags.DEFINE_integer("version", 1, "The version folder written in --export_dir (replaced if it exists).")
@@ -42,22 +45,29 @@ def main(argv):
         from keras_ddpm import files
         from keras_ddpm.export import find_version_dir, read_metadata
         from keras_ddpm.precision import resolve_precision
-        from keras_ddpm.runs import export_run, load_run, read_run_config
+        from keras_ddpm.runs import export_run, load_run, read_run_config, reexport
 
         run_dir, export_dir = pathlib.Path(FLAGS.model), pathlib.Path(FLAGS.export_dir)
         if (export_dir / "saved_model.pb").exists():
             raise ValueError(f"--export_dir={export_dir} is a version folder; give its parent, the base folder "
                              "that holds the numbered versions (TF Serving's model_base_path).")
         files.check_writable(export_dir, create=False)  # before loading and tracing, which take a while
-        model_config, train_config = read_run_config(run_dir)
         policy, _ = resolve_precision(FLAGS.precision)
-        model, _ = load_run(run_dir, FLAGS.checkpoint_step, policy)
-        step = model.metadata["training_steps"]
-        version_dir = export_run(model, export_dir, model_config, train_config, step, FLAGS.version,
-                                 sampler=FLAGS.sampler, steps=FLAGS.steps, eta=FLAGS.eta,
-                                 max_batch_size=FLAGS.max_batch_size)
+        sampling = dict(sampler=FLAGS.sampler, steps=FLAGS.steps, eta=FLAGS.eta, max_batch_size=FLAGS.max_batch_size)
+        if (run_dir / "config.json").is_file():
+            model_config, train_config = read_run_config(run_dir)
+            model, _ = load_run(run_dir, FLAGS.checkpoint_step, policy)
+            step = model.metadata["training_steps"]
+            version_dir = export_run(model, export_dir, model_config, train_config, step, FLAGS.version, **sampling)
+            source = f"ckpt-{step} of {run_dir}"
+        else:
+            if FLAGS.checkpoint_step is not None:
+                raise ValueError(f"--model={run_dir} is no run directory (it has no config.json), so it has no "
+                                 "checkpoints: drop --checkpoint_step to export that export again.")
+            version_dir = reexport(run_dir, export_dir, FLAGS.version, precision=policy, **sampling)
+            source = f"the network of the export {run_dir}"
         metadata = read_metadata(version_dir)
-        print(f"Wrote {version_dir}: ckpt-{step} of {run_dir}, {metadata['sampler']} with {metadata['steps']} steps "
+        print(f"Wrote {version_dir}: {source}, {metadata['sampler']} with {metadata['steps']} steps "
               f"(eta {metadata['eta']:g}) by default, network in {metadata['dtype_policy']}.")
         served = find_version_dir(export_dir)
         if served != version_dir:

@@ -91,10 +91,10 @@ def export_savedmodel(
         model: a `DiffusionModel` (trained under any dtype policy; the signatures are float32/uint8).
         export_dir: the model's base folder, the one TF Serving's `--model_base_path` points at (local path).
         version: the version folder's number, an integer >= 0; an existing version is replaced.
-        sampler: `"ddim"`, `"ddpm"` or `"dpm++"`, used by `serving_default` and `generate`.
+        sampler: `"ddim"`, `"ddpm"`, `"dpm++"` or `"edm"`, used by `serving_default` and `generate`.
         steps: network evaluations per image in `serving_default`, in [1, T].
-        eta: DDIM's or DPM-Solver++'s noise in [0, 1] for `serving_default` (0: deterministic; 1: as much
-            noise as DDPM).
+        eta: DDIM's, DPM-Solver++'s or EDM's noise in [0, 1] for `serving_default` (0: deterministic; 1: as
+            much noise as DDPM, or EDM's largest churn).
         metadata: extra JSON-serialisable entries, e.g. `{"dataset": "celeba", "training_steps": 80000}`.
             `dataset` and `training_steps` have defaults (None and the optimizer's step count); the
             entries describing the model itself cannot be overridden.
@@ -141,6 +141,14 @@ def export_savedmodel(
             shutil.rmtree(staging, ignore_errors=True)  # gone already unless the export failed
 
 
+# The metadata keys `build_metadata` sets (what the model is and how the export samples); callers add others.
+EXPORT_METADATA_KEYS = frozenset({
+    "format", "format_version", "image_size", "channels", "num_classes", "schedule", "objective",
+    "sampler", "steps", "eta", "guidance", "spacing", "max_batch_size", "dtype_policy", "ema",
+    "keras_ddpm_version", "tensorflow_version", "keras_version", "exported_at",
+})
+
+
 def build_metadata(model: DiffusionModel, sampler: str, steps: int, extra: dict | None = None, eta: float = 0.0,
                    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE) -> dict:
     """The metadata stored with an export: what the model is, how it samples, what made it, plus `extra`."""
@@ -151,12 +159,7 @@ def build_metadata(model: DiffusionModel, sampler: str, steps: int, extra: dict 
         "training_steps": int(optimizer.iterations.numpy()) if optimizer is not None else None,
     }
     extra = dict(extra or {})
-    fixed_keys = {
-        "format", "format_version", "image_size", "channels", "num_classes", "schedule", "objective",
-        "sampler", "steps", "eta", "guidance", "spacing", "max_batch_size", "dtype_policy", "ema",
-        "keras_ddpm_version", "tensorflow_version", "keras_version", "exported_at",
-    }
-    overridden = sorted(fixed_keys & set(extra))
+    overridden = sorted(EXPORT_METADATA_KEYS & set(extra))
     if overridden:
         raise ValueError(
             f"metadata keys {overridden} describe the model and are set by export_savedmodel; "

@@ -31,8 +31,8 @@ import tensorflow as tf
 
 from keras_ddpm import files
 from keras_ddpm.config import ModelConfig, TrainConfig
-from keras_ddpm.export import (clean_stale_exports, export_savedmodel, find_version_dir, load_savedmodel,
-                               read_metadata)
+from keras_ddpm.export import (DEFAULT_MAX_BATCH_SIZE, EXPORT_METADATA_KEYS, clean_stale_exports, export_savedmodel,
+                               find_version_dir, load_savedmodel, read_metadata)
 from keras_ddpm.generation import Generator, SavedModelGenerator, resolve_sampling
 from keras_ddpm.model import DiffusionModel
 from keras_ddpm.precision import dtype_policy, resolve_precision
@@ -289,6 +289,49 @@ def load_run(output_dir, step: int | None = None, precision: str = "float32") ->
         raise FileNotFoundError(f"{output_dir / 'checkpoints'} holds no checkpoint yet.")
     model.extra_metadata["training_steps"] = int(pathlib.Path(path).name.removeprefix("ckpt-"))
     return model, model_config
+
+
+def load_export(path, precision: str | None = None) -> tuple[DiffusionModel, dict]:
+    """Rebuild the `DiffusionModel` of an export from its metadata's `model_config`, with the export's EMA weights
+    as both its network and its EMA network, and return it with the export's metadata: to re-export a model whose
+    run directory is gone with other sampling defaults (`python export.py --model=<export>`).
+
+    Weights are matched by their Keras paths (the SavedModel's variable names), every one of them, so a model
+    config that does not describe the export fails here rather than exporting half-loaded weights.
+    """
+    version_dir = find_version_dir(path)
+    metadata = read_metadata(version_dir)
+    if "model_config" not in metadata:
+        raise ValueError(f"{version_dir} has no model_config in its metadata (exports before it was recorded), so "
+                         "its network cannot be rebuilt; export from its training run instead.")
+    with dtype_policy(precision or metadata["dtype_policy"]):
+        model = ModelConfig.from_dict(metadata["model_config"]).build(metadata={"dataset": metadata["dataset"]})
+    loaded = tf.saved_model.load(str(version_dir))
+    saved = {variable.name.removesuffix(":0"): variable for variable in loaded.captured_variables}
+    weights = {weight.path: weight for weight in model.ema_network.weights}
+    misfits = sorted(set(saved) ^ set(weights)) or [path for path in weights
+                                                     if tuple(saved[path].shape) != tuple(weights[path].shape)]
+    if misfits:
+        raise ValueError(f"{version_dir}'s variables do not match its model_config's network: {len(misfits)} differ "
+                         f"in name or shape, e.g. {misfits[:3]}.")
+    for network in (model.network, model.ema_network):
+        for weight in network.weights:
+            weight.assign(saved[weight.path])
+    model.extra_metadata["training_steps"] = metadata.get("training_steps")
+    return model, metadata
+
+
+def reexport(source, export_dir, version: int = 1, sampler=None, steps=None, eta=None, max_batch_size=None,
+             precision: str | None = None) -> pathlib.Path:
+    """Export an export's network again to `<export_dir>/<version>/` (`load_export`), keeping its metadata (dataset,
+    training steps, model config) but sampling with `sampler`, `steps`, `eta` and `max_batch_size` where given (None
+    keeps the source's; another sampler takes its own steps and eta, as in `resolve_sampling`)."""
+    model, source_metadata = load_export(source, precision)
+    sampler, steps, eta = resolve_sampling(source_metadata, model.schedule.num_timesteps, sampler, steps, eta)
+    kept = {key: value for key, value in source_metadata.items() if key not in EXPORT_METADATA_KEYS}
+    max_batch_size = source_metadata.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE) if max_batch_size is None else max_batch_size
+    return export_savedmodel(model, export_dir, version, sampler=sampler, steps=steps, eta=eta, metadata=kept,
+                             max_batch_size=max_batch_size)
 
 
 def export_run(model, export_dir, model_config: ModelConfig, train_config: TrainConfig, training_steps: int,

@@ -74,8 +74,8 @@ def check_sampler(sampler) -> SamplerName:
 
 def default_steps(sampler: SamplerName, num_timesteps: int) -> int:
     """Network evaluations when none are asked for: all T for DDPM, 50 for DDIM, 20 for DPM-Solver++, 199 for EDM
-    (100 noise levels, the fewest measured to draw as many whole faces as DDPM-1000, REPORT.md 6.18)."""
-    return {"ddpm": num_timesteps, "ddim": 50, "dpm++": 20, "edm": 199}[check_sampler(sampler)]
+    (100 noise levels, the fewest measured to draw as many whole faces as DDPM-1000, REPORT.md 6.18; at most T)."""
+    return {"ddpm": num_timesteps, "ddim": 50, "dpm++": 20, "edm": min(199, num_timesteps)}[check_sampler(sampler)]
 
 
 def guide(strong, weak, guidance):

@@ -18,7 +18,7 @@ from keras_ddpm.config import TrainConfig
 from keras_ddpm.errors import TrainingDiverged
 from keras_ddpm.export import read_metadata
 from keras_ddpm.files import read_json, write_json
-from keras_ddpm.runs import (clean_stale_files, export_run, load_generator, load_run, prepare_run_directory,
+from keras_ddpm.runs import (clean_stale_files, export_run, load_generator, load_run, prepare_run_directory, reexport,
                              read_run_config, restore_checkpoint, trim_log, weights_problem)
 from keras_ddpm.training import make_optimizer, train
 
@@ -142,7 +142,35 @@ def test_export_run_takes_the_runs_export_settings_unless_told_otherwise(tmp_pat
     assert (as_run["training_steps"], as_run["dataset"]) == (3, "synthetic")
     assert ModelConfig.from_dict(as_run["model_config"]) == TINY
     other = read_metadata(export_run(model, tmp_path, TINY, run, 3, version=2, sampler="ddim"))
-    assert (other["sampler"], other["steps"], other["eta"]) == ("ddim", 50, 0.5)  # DDIM's own steps, not 7
+    assert (other["sampler"], other["steps"], other["eta"]) == ("ddim", 50, 0.0)  # DDIM's own steps and eta
+
+
+def test_an_export_exports_again_with_other_sampling_defaults(tmp_path):
+    """`reexport` rebuilds the network from the export's model config and weights: same images, new defaults."""
+    model = TINY.build()
+    model.ema_network.set_weights([w + 0.01 for w in model.ema_network.get_weights()])  # not the initial weights
+    run = TrainConfig(dataset="synthetic", export_sampler="dpm++", export_steps=7, export_max_batch=8)
+    export_run(model, tmp_path / "first", TINY, run, training_steps=3)
+    again = reexport(tmp_path / "first", tmp_path / "again", sampler="edm", eta=1.0)
+    metadata = read_metadata(again)
+    assert (metadata["sampler"], metadata["steps"], metadata["eta"], metadata["spacing"]) == ("edm", 50, 1.0, "karras")  # 199 capped at T
+    assert (metadata["training_steps"], metadata["dataset"], metadata["max_batch_size"]) == (3, "synthetic", 8)
+    first, second = load_generator(tmp_path / "first"), load_generator(tmp_path / "again")
+    np.testing.assert_array_equal(first.generate(seeds=[1, 2], steps=3), second.generate(seeds=[1, 2], sampler="dpm++",
+                                                                                          steps=3))
+    np.testing.assert_array_equal(first.generate(seeds=[1, 2], sampler="edm", steps=5, eta=1.0),
+                                  second.generate(seeds=[1, 2], steps=5))  # the export's own graph, its default eta
+
+
+def test_an_export_whose_model_config_does_not_fit_is_not_exported_again(tmp_path):
+    run = TrainConfig(dataset="synthetic")
+    version_dir = export_run(TINY.build(), tmp_path / "first", TINY, run, training_steps=3)
+    metadata = read_json(version_dir / "assets.extra" / "keras_ddpm.json")
+    metadata["model_config"]["width"] = 16  # other shapes: the weights would not fit
+    write_json(version_dir / "assets.extra" / "keras_ddpm.json", metadata)
+    with pytest.raises(ValueError, match="do not match its model_config"):
+        reexport(tmp_path / "first", tmp_path / "again")
+    assert not (tmp_path / "again").exists()
 
 
 def test_no_usable_checkpoint_is_a_clear_error(tmp_path):
