@@ -249,11 +249,13 @@ class SavedModelGenerator:
         """uint8 images [N, H, W, C] (and the float trajectory [S, N, H, W, C] when asked); see `DiffusionModel.generate`.
 
         `sampler` and `eta` default to those the model was exported with, and `steps` too for that sampler; those
-        requests run the export's own `generate` signature, which does not report steps to `on_step`.
+        requests run the export's own `generate` signature, unless `on_step` asks for step reports, which that
+        graph cannot send: then the same sampler runs on the `denoise` signature (the same images, to within one grey
+        level in a few pixels where the two graphs round differently; tests/test_export.py).
         """
         request = check_request(self, num_images, seed, seeds, steps, sampler, eta, spacing, labels, guidance)
         exported_way = request.sampler == self.metadata["sampler"] and spacing in (None, self.metadata["spacing"])
-        if exported_way and not return_trajectory:
+        if exported_way and not return_trajectory and on_step is None:
             return self._exported_generate(request)
         key = (request.sampler, spacing, return_trajectory, on_step is not None)
         if key not in self._samplers:
