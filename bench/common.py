@@ -4,6 +4,7 @@ The recipes' flagfiles are read through train.py's own flag definitions (`keras_
 builds exactly the model that `python train.py --flagfile=...` trains.
 """
 
+import argparse
 import os
 import pathlib
 import resource
@@ -122,3 +123,58 @@ class SampleReport:
         if self.scored:
             for key, value in score_samples(images, self.held_out, self.held_out_embedding).items():
                 print(f"{name}_{key} {value:.4f}", flush=True)
+
+
+# -- the sampler benchmarks (restart_sampling.py, edm_sampling.py, hybrid_sampling.py) -----------------------------
+
+def sampler_bench_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every sampler benchmark takes: the model, the seeds, the scoring and the grids."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", type=pathlib.Path, default=pathlib.Path("savedmodel"),
+                        help="an export or a run directory (unconditional)")
+    parser.add_argument("--checkpoint_step", type=int, default=None, help="a run's checkpoint (default: the newest)")
+    parser.add_argument("--num_images", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--precision", default=None, help="a run directory's dtype policy (default float32)")
+    parser.add_argument("--data_dir", default=None, help="CelebA folder (default: CELEBA_DIR)")
+    parser.add_argument("--grid_dir", type=pathlib.Path, required=True, help="where the 64-image grids go")
+    return parser
+
+
+def parse_sampler_bench_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    args = parser.parse_args()
+    if args.num_images < 1 or args.batch_size < 1:
+        parser.error(f"--num_images and --batch_size must be at least 1, got {args.num_images} and {args.batch_size}.")
+    return args
+
+
+class CompiledSampler:
+    """What `generate_in_batches` needs of a `Generator`: a compiled f(seeds int64 [B]) -> uint8 images."""
+
+    def __init__(self, sample, max_batch_size: int | None):
+        self._sample, self.max_batch_size = sample, max_batch_size
+
+    def generate(self, seeds, labels=None):
+        import tensorflow as tf
+
+        return self._sample(tf.constant(seeds, tf.int64)).numpy()
+
+
+def compare_samplers(args: argparse.Namespace, samplers_to_compile):
+    """Draw `args.num_images` images with each sampler and report them (`SampleReport`), printing
+    `<name>_network_calls` first. `samplers_to_compile(generator)` yields (name, network_calls, compile) for the
+    unconditional model `args.model`; `compile()` returns f(seeds) -> uint8 images, traced within `_seconds`."""
+    from keras_ddpm.generation import generate_in_batches
+    from keras_ddpm.runs import load_generator
+
+    generator = load_generator(args.model, args.checkpoint_step, args.precision)
+    if generator.num_classes:
+        raise SystemExit(f"{args.model} is a conditional model; this benchmark samples unconditional ones.")
+    report = SampleReport(generator.image_shape[0], args.num_images, args.grid_dir, args.data_dir)
+    for name, network_calls, compile_sampler in samplers_to_compile(generator):
+        print(f"{name}_network_calls {network_calls}", flush=True)
+        start = time.perf_counter()
+        images = generate_in_batches(CompiledSampler(compile_sampler(), generator.max_batch_size), args.num_images,
+                                     args.batch_size, seed=args.seed, verbose=False)
+        report.add(name, images, time.perf_counter() - start, grid_name=f"{name}_s{args.seed}")

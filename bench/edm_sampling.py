@@ -24,8 +24,6 @@ or narrower churn to break about as many as the ODE or more (REPORT.md 6.18).
 
 import argparse
 import dataclasses
-import pathlib
-import time
 
 import numpy as np
 import tensorflow as tf
@@ -33,8 +31,6 @@ import tensorflow as tf
 import common
 
 from keras_ddpm import samplers
-from keras_ddpm.generation import generate_in_batches
-from keras_ddpm.runs import load_generator
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,48 +86,14 @@ def compile_edm_sampler(generator, config: Churn):
     return sample
 
 
-class EDMGenerator:
-    """What `generate_in_batches` needs of a `Generator`: images drawn with one configuration."""
-
-    def __init__(self, generator, config: Churn):
-        self.max_batch_size = generator.max_batch_size
-        self._sample = compile_edm_sampler(generator, config)
-
-    def generate(self, seeds, labels=None) -> np.ndarray:
-        return self._sample(tf.constant(seeds, tf.int64)).numpy()
-
-
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=pathlib.Path, default=pathlib.Path("savedmodel"),
-                        help="an export or a run directory (unconditional)")
-    parser.add_argument("--checkpoint_step", type=int, default=None, help="a run's checkpoint (default: the newest)")
+def main():
+    parser = common.sampler_bench_parser(__doc__.splitlines()[0])
     parser.add_argument("--configs", type=Churn.parse, nargs="+", required=True,
                         help="configurations N:S_churn[:S_tmin:S_tmax]; N:0 is Heun's ODE sampler")
-    parser.add_argument("--num_images", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--precision", default=None, help="a run directory's dtype policy (default float32)")
-    parser.add_argument("--data_dir", default=None, help="CelebA folder (default: CELEBA_DIR)")
-    parser.add_argument("--grid_dir", type=pathlib.Path, required=True, help="where the 64-image grids go")
-    args = parser.parse_args()
-    if args.num_images < 1 or args.batch_size < 1:
-        parser.error(f"--num_images and --batch_size must be at least 1, got {args.num_images} and {args.batch_size}.")
-    return args
-
-
-def main():
-    args = parse_args()
-    generator = load_generator(args.model, args.checkpoint_step, args.precision)
-    if generator.num_classes:
-        raise SystemExit(f"{args.model} is a conditional model; this benchmark samples unconditional ones.")
-    report = common.SampleReport(generator.image_shape[0], args.num_images, args.grid_dir, args.data_dir)
-    for config in args.configs:
-        print(f"{config.name}_network_calls {config.network_calls}", flush=True)
-        start = time.perf_counter()
-        images = generate_in_batches(EDMGenerator(generator, config), args.num_images, args.batch_size,
-                                     seed=args.seed, verbose=False)
-        report.add(config.name, images, time.perf_counter() - start, grid_name=f"{config.name}_s{args.seed}")
+    args = common.parse_sampler_bench_args(parser)
+    common.compare_samplers(args, lambda generator: (
+        (config.name, config.network_calls, lambda config=config: compile_edm_sampler(generator, config))
+        for config in args.configs))
 
 
 if __name__ == "__main__":

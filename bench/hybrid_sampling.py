@@ -20,8 +20,6 @@ Each band draws `--num_images` samples from the seeds `--seed`, `--seed` + 1, ..
 """
 
 import argparse
-import pathlib
-import time
 
 import numpy as np
 import tensorflow as tf
@@ -29,8 +27,6 @@ import tensorflow as tf
 import common
 
 from keras_ddpm import samplers
-from keras_ddpm.generation import generate_in_batches
-from keras_ddpm.runs import load_generator
 
 Band = tuple[float, float] | None  # (sigma_lo, sigma_hi) sampled by DDPM, or None for the plain ODE
 
@@ -102,55 +98,26 @@ def compile_hybrid_sampler(generator, path: list[int], is_ddpm: list[bool]):
     return sample
 
 
-class HybridGenerator:
-    """What `generate_in_batches` needs of a `Generator`: images drawn along one hybrid path."""
-
-    def __init__(self, generator, path: list[int], is_ddpm: list[bool]):
-        self.max_batch_size = generator.max_batch_size
-        self._sample = compile_hybrid_sampler(generator, path, is_ddpm)
-
-    def generate(self, seeds, labels=None) -> np.ndarray:
-        return self._sample(tf.constant(seeds, tf.int64)).numpy()
-
-
 def name_of(band: Band) -> str:
     return "hybrid_none" if band is None else f"hybrid_{band[0]:g}_{band[1]:g}"
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=pathlib.Path, default=pathlib.Path("savedmodel"),
-                        help="an export or a run directory (unconditional)")
-    parser.add_argument("--checkpoint_step", type=int, default=None, help="a run's checkpoint (default: the newest)")
+def main():
+    parser = common.sampler_bench_parser(__doc__.splitlines()[0])
     parser.add_argument("--bands", type=parse_band, nargs="+", required=True,
                         help="bands sigma_lo:sigma_hi sampled by DDPM (inf for the top), or none for the plain ODE")
     parser.add_argument("--main_steps", type=int, default=20, help="timesteps of the ODE outside the band")
-    parser.add_argument("--num_images", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--precision", default=None, help="a run directory's dtype policy (default float32)")
-    parser.add_argument("--data_dir", default=None, help="CelebA folder (default: CELEBA_DIR)")
-    parser.add_argument("--grid_dir", type=pathlib.Path, required=True, help="where the 64-image grids go")
-    args = parser.parse_args()
-    if args.num_images < 1 or args.batch_size < 1 or args.main_steps < 2:
-        parser.error(f"--num_images and --batch_size must be at least 1 and --main_steps at least 2, got "
-                     f"{args.num_images}, {args.batch_size} and {args.main_steps}.")
-    return args
+    args = common.parse_sampler_bench_args(parser)
+    if args.main_steps < 2:
+        parser.error(f"--main_steps must be at least 2, got {args.main_steps}.")
 
+    def hybrid_samplers(generator):
+        for band in args.bands:
+            path, is_ddpm = hybrid_path(generator.schedule, args.main_steps, band)
+            yield name_of(band), len(path), lambda path=path, is_ddpm=is_ddpm: compile_hybrid_sampler(
+                generator, path, is_ddpm)
 
-def main():
-    args = parse_args()
-    generator = load_generator(args.model, args.checkpoint_step, args.precision)
-    if generator.num_classes:
-        raise SystemExit(f"{args.model} is a conditional model; this benchmark samples unconditional ones.")
-    report = common.SampleReport(generator.image_shape[0], args.num_images, args.grid_dir, args.data_dir)
-    for band in args.bands:
-        path, is_ddpm = hybrid_path(generator.schedule, args.main_steps, band)
-        print(f"{name_of(band)}_network_calls {len(path)}", flush=True)
-        start = time.perf_counter()
-        images = generate_in_batches(HybridGenerator(generator, path, is_ddpm), args.num_images, args.batch_size,
-                                     seed=args.seed, verbose=False)
-        report.add(name_of(band), images, time.perf_counter() - start, grid_name=f"{name_of(band)}_s{args.seed}")
+    common.compare_samplers(args, hybrid_samplers)
 
 
 if __name__ == "__main__":

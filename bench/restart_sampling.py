@@ -31,8 +31,6 @@ restarts from sigma = 2 to 10 break about twice as many (REPORT.md 6.17).
 
 import argparse
 import dataclasses
-import pathlib
-import time
 
 import numpy as np
 import tensorflow as tf
@@ -40,8 +38,6 @@ import tensorflow as tf
 import common
 
 from keras_ddpm import samplers
-from keras_ddpm.generation import generate_in_batches
-from keras_ddpm.runs import load_generator
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,39 +135,6 @@ def compile_restart_sampler(generator, path: list[int]):
     return sample
 
 
-class RestartGenerator:
-    """What `generate_in_batches` needs of a `Generator`: images drawn along one restart path."""
-
-    def __init__(self, generator, path: list[int]):
-        self.max_batch_size = generator.max_batch_size
-        self._sample = compile_restart_sampler(generator, path)
-
-    def generate(self, seeds, labels=None) -> np.ndarray:
-        return self._sample(tf.constant(seeds, tf.int64)).numpy()
-
-
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=pathlib.Path, default=pathlib.Path("savedmodel"),
-                        help="an export or a run directory (unconditional)")
-    parser.add_argument("--checkpoint_step", type=int, default=None, help="a run's checkpoint (default: the newest)")
-    parser.add_argument("--restarts", type=Restart.parse, nargs="+", default=[None],
-                        help="configurations: sigma_min:sigma_max:K:steps, or 0 for the plain ODE")
-    parser.add_argument("--main_steps", type=int, default=20, help="network calls of the main ODE")
-    parser.add_argument("--num_images", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--precision", default=None, help="a run directory's dtype policy (default float32)")
-    parser.add_argument("--data_dir", default=None, help="CelebA folder (default: CELEBA_DIR)")
-    parser.add_argument("--grid_dir", type=pathlib.Path, required=True, help="where the 64-image grids go")
-    args = parser.parse_args()
-    if args.num_images < 1 or args.batch_size < 1:
-        parser.error(f"--num_images and --batch_size must be at least 1, got {args.num_images} and {args.batch_size}.")
-    if args.main_steps < 3:  # a restart needs a main timestep between the first and t = 0
-        parser.error(f"--main_steps must be at least 3, got {args.main_steps}.")
-    return args
-
-
 def name_of(restart: Restart | None) -> str:
     if restart is None:
         return "restart_0"
@@ -179,19 +142,21 @@ def name_of(restart: Restart | None) -> str:
 
 
 def main():
-    args = parse_args()
-    generator = load_generator(args.model, args.checkpoint_step, args.precision)
-    if generator.num_classes:
-        raise SystemExit(f"{args.model} is a conditional model; this benchmark samples unconditional ones.")
-    paths = {name_of(restart): restart_path(generator.schedule, args.main_steps, restart) for restart in args.restarts}
-    report = common.SampleReport(generator.image_shape[0], args.num_images, args.grid_dir, args.data_dir)
-    for name, path in paths.items():
-        network_calls = sum(1 for t, t_next in zip(path, path[1:] + [-1]) if t_next < t)
-        print(f"{name}_network_calls {network_calls}", flush=True)
-        start = time.perf_counter()
-        images = generate_in_batches(RestartGenerator(generator, path), args.num_images, args.batch_size,
-                                     seed=args.seed, verbose=False)
-        report.add(name, images, time.perf_counter() - start, grid_name=f"{name}_s{args.seed}")
+    parser = common.sampler_bench_parser(__doc__.splitlines()[0])
+    parser.add_argument("--restarts", type=Restart.parse, nargs="+", default=[None],
+                        help="configurations: sigma_min:sigma_max:K:steps, or 0 for the plain ODE")
+    parser.add_argument("--main_steps", type=int, default=20, help="network calls of the main ODE")
+    args = common.parse_sampler_bench_args(parser)
+    if args.main_steps < 3:  # a restart needs a main timestep between the first and t = 0
+        parser.error(f"--main_steps must be at least 3, got {args.main_steps}.")
+
+    def restart_samplers(generator):
+        for restart in args.restarts:
+            path = restart_path(generator.schedule, args.main_steps, restart)
+            network_calls = sum(1 for t, t_next in zip(path, path[1:] + [-1]) if t_next < t)
+            yield name_of(restart), network_calls, lambda path=path: compile_restart_sampler(generator, path)
+
+    common.compare_samplers(args, restart_samplers)
 
 
 if __name__ == "__main__":
