@@ -4,8 +4,8 @@ train.py exports a run's last weights to `<run>/savedmodel/1` when it finishes. 
 run (`--checkpoint_step`, default the newest) into a base folder of your choice, also while the run trains: it
 only reads the run. `--model` may also be an export (one whose metadata records its model config): its network is
 exported again with other sampling defaults, e.g. `python export.py --model=savedmodel --export_dir=savedmodel
---sampler=edm --eta=1`, which is how the shipped model got EDM's sampler after its run directory was gone. The export samples with the run's `--export_sampler`, `--export_steps` and `--export_eta`
-unless `--sampler`, `--steps` or `--eta` say otherwise, and its network computes in float32 unless `--precision`
+--sampler=edm --eta=1`, which is how the shipped model got EDM's sampler after its run directory was gone. The export samples with the run's (or the source export's) sampler, steps and eta unless
+`--sampler`, `--steps` or `--eta` say otherwise (another sampler takes its own steps and eta 0), and its network computes in float32 unless `--precision`
 names another policy (an export's seeds give the images of the policy it was exported in). An existing version
 folder is replaced atomically: a failed export leaves it as it was. `--export_dir=savedmodel` replaces the
 shipped model.
@@ -30,11 +30,15 @@ flags.DEFINE_integer("version", 1, "The version folder written in --export_dir (
 flags.DEFINE_enum("precision", "float32", list(PRECISIONS),
                   f"The dtype policy the exported network computes in ({AUTO_PRECISION}). The shipped models are "
                   "float32.")
-flags.DEFINE_enum("sampler", None, list(SAMPLERS), "The export's default sampler; default: the run's --export_sampler.")
+flags.DEFINE_enum("sampler", None, list(SAMPLERS), "The export's default sampler; default: the run's --export_sampler "
+                  "(or the source export's).")
 flags.DEFINE_integer("steps", None, "The export's default number of sampling steps; default: the run's "
-                     "--export_steps for its sampler, else the sampler's own (T ddpm, 50 ddim, 20 dpm++).")
-flags.DEFINE_float("eta", None, "The export's default eta in [0, 1]; default: the run's --export_eta.")
-flags.DEFINE_integer("max_batch_size", None, "Most seeds one request may hold; default: the run's --export_max_batch.")
+                     "--export_steps (or the source export's) for its sampler, else the sampler's own (T ddpm, "
+                     "50 ddim, 20 dpm++, 199 edm).")
+flags.DEFINE_float("eta", None, "The export's default eta in [0, 1]; default: the run's --export_eta (or the source "
+                   "export's) for its sampler, else 0.")
+flags.DEFINE_integer("max_batch_size", None, "Most seeds one request may hold; default: the run's "
+                     "--export_max_batch (or the source export's).")
 flags.DEFINE_boolean("traceback", False, "Show the full traceback on errors.")
 
 
@@ -43,6 +47,7 @@ def main(argv):
         import pathlib
 
         from keras_ddpm import files
+        from keras_ddpm.errors import NotOurSavedModelError
         from keras_ddpm.export import find_version_dir, read_metadata
         from keras_ddpm.precision import resolve_precision
         from keras_ddpm.runs import export_run, load_run, read_run_config, reexport
@@ -61,6 +66,12 @@ def main(argv):
             version_dir = export_run(model, export_dir, model_config, train_config, step, FLAGS.version, **sampling)
             source = f"ckpt-{step} of {run_dir}"
         else:
+            try:
+                find_version_dir(run_dir)
+            except (FileNotFoundError, NotOurSavedModelError):
+                raise ValueError(f"--model={run_dir} is neither a training run directory (no config.json) nor an "
+                                 "export (no saved_model.pb): pass a run directory, or an export to export it "
+                                 "again with other sampling defaults.") from None
             if FLAGS.checkpoint_step is not None:
                 raise ValueError(f"--model={run_dir} is no run directory (it has no config.json), so it has no "
                                  "checkpoints: drop --checkpoint_step to export that export again.")

@@ -12,11 +12,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags  # noqa: E402
 
 from keras_ddpm import cli  # noqa: E402
+from keras_ddpm.config import SPACINGS  # noqa: E402
 
 FLAGS = flags.FLAGS
 cli.define_model_flags(__file__, "sample")  # --model, --checkpoint_step, --precision, --sampler, --steps, --eta
 flags.DEFINE_integer("num_images", 64, "How many images.")
-flags.DEFINE_enum("spacing", None, ["uniform", "quadratic", "logsnr"], "Timestep spacing; default per sampler.")
+flags.DEFINE_enum("spacing", None, list(SPACINGS), "Timestep spacing; default per sampler.")
 flags.DEFINE_integer("seed", 0, "Image i uses seed + i.")
 flags.DEFINE_integer("label", None, "Class label for conditional models (num_classes = unconditional).")
 flags.DEFINE_float("guidance", 1.0, "Classifier-free guidance scale for conditional models.")

@@ -18,8 +18,9 @@ Each configuration draws `--num_images` samples from the seeds `--seed`, `--seed
 held-out faces. Prints `key value` lines: floor_swd_mean, floor_face_fd, floor_face_landmark_fd (from 128 images),
 and per configuration <name>_network_calls, _seconds, _swd_mean, _face_rate, _face_fd, _face_landmark_fd.
 
-On the shipped model, blind raters found 100:40 (199 calls) to break as few faces as DDPM-1000, and every weaker
-or narrower churn to break about as many as the ODE or more (REPORT.md 6.18).
+On the shipped model, blind raters counted 3.2 broken faces per 64 with 100:40 (197 calls) and 2.2 with the
+library's eta-1 default (199 calls), against 2.4 for DDPM-1000; weaker, narrower or fewer-level churn broke about
+as many as the ODE or more (REPORT.md 6.18).
 """
 
 import argparse

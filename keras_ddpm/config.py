@@ -22,6 +22,7 @@ OBJECTIVES = ("epsilon", "v")
 LOSS_WEIGHTINGS = ("none", "min_snr")
 TIMESTEP_SAMPLINGS = ("uniform", "log_normal")
 SAMPLERS = ("ddpm", "ddim", "dpm++", "edm")
+SPACINGS = ("uniform", "quadratic", "logsnr", "karras")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 AUTO_PRECISION = ("auto: mixed_float16 on a GPU, mixed_bfloat16 on a CPU with native bf16 (AMX-BF16 or AVX512_BF16), "
                   "float32 elsewhere")

@@ -6,7 +6,8 @@ folder) from the EMA network. Its signatures (`label` and `guidance` exist only 
 - `serving_default`: `seed` int64 [B] (+ `label` int32 [B]) -> `images` uint8 [B, H, W, C], one image per
   seed, drawn with the sampler, step count and eta chosen at export (guidance = 1).
 - `generate`: the same plus `steps` int32 [], `eta` float32 [] (+ `guidance` float32 []), so a client trades
-  speed for quality. `eta` (0: the ODE, 1: DDPM's noise) matters for DDIM and DPM-Solver++.
+  speed for quality. `eta` (0: the ODE, 1: DDPM's noise, or EDM's largest churn) matters for DDIM,
+  DPM-Solver++ and EDM.
 - `denoise`: `x_t` float32 [B, H, W, C], `t` int32 [B] (+ `label`) -> `prediction` (the network's raw output,
   epsilon or v as the metadata's `objective` says), and the `denoised` (x0) and `noise` estimates derived from
   it, float32 [B, H, W, C], for clients that run their own sampler.

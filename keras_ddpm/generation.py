@@ -6,7 +6,7 @@ Two classes implement it, through this module:
 
 - `keras_ddpm.model.DiffusionModel` (a model in memory, or a run directory's: `keras_ddpm.runs.load_generator`);
 - `SavedModelGenerator`, a SavedModel written by `keras_ddpm.export`: it calls the SavedModel's own `generate`
-  signature for the sampler it was exported with and, for other samplers or a trajectory, runs
+  signature for the sampler it was exported with and, for other samplers, a trajectory or step reports, runs
   `keras_ddpm.samplers` on its `denoise` signature.
 
 Both check a request with `check_request` (so they accept and refuse the same requests) and sample with

@@ -322,12 +322,13 @@ class DiffusionModel(keras.Model):
             num_images: how many images (or pass `seeds`).
             seed: the first seed.
             seeds: explicit int seeds, one per image.
-            steps: network evaluations; default T for `"ddpm"`, 50 for `"ddim"`, 20 for `"dpm++"`.
-            sampler: `"ddpm"`, `"ddim"` or `"dpm++"` (see `keras_ddpm.samplers`); default `metadata["sampler"]`
-                (`"ddim"`).
-            eta: the noise of DDIM and DPM-Solver++ in [0, 1] (0: the ODE); default `metadata["eta"]` (0).
-            spacing: timestep spacing: `"uniform"`, `"quadratic"` or `"logsnr"`; default `"logsnr"` for
-                `"dpm++"` and `"uniform"` otherwise.
+            steps: network evaluations; default T for `"ddpm"`, 50 for `"ddim"`, 20 for `"dpm++"`, 199 for `"edm"`.
+            sampler: `"ddpm"`, `"ddim"`, `"dpm++"` or `"edm"` (see `keras_ddpm.samplers`); default
+                `metadata["sampler"]` (`"ddim"`).
+            eta: the noise of DDIM, DPM-Solver++ and EDM in [0, 1] (0: the ODE; EDM: 1 is its largest churn);
+                default `metadata["eta"]` (0) for the default sampler, else 0.
+            spacing: timestep spacing (`samplers.SPACINGS`); default `samplers.DEFAULT_SPACING[sampler]`:
+                `"logsnr"` for `"dpm++"`, `"karras"` for `"edm"`, `"uniform"` otherwise.
             labels: for conditional models, one int or one per image; `num_classes` (the null label)
                 samples unconditionally.
             guidance: classifier-free guidance scale w (1 = no guidance).

@@ -340,7 +340,7 @@ def export_run(model, export_dir, model_config: ModelConfig, train_config: Train
 
     The export samples with the run's `export_sampler`, `export_steps`, `export_eta` and `export_max_batch`
     unless `sampler`, `steps`, `eta` or `max_batch_size` say otherwise (None keeps the run's; another sampler
-    takes its own steps, as in `resolve_sampling`).
+    takes its own steps and eta 0, as in `resolve_sampling`).
     """
     run_defaults = dict(sampler=train_config.export_sampler, steps=train_config.export_steps, eta=train_config.export_eta)
     sampler, steps, eta = resolve_sampling(run_defaults, model.schedule.num_timesteps, sampler, steps, eta)

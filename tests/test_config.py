@@ -105,6 +105,7 @@ def test_the_flags_offer_the_choices_the_library_takes():
     assert config.LOSS_WEIGHTINGS == get_args(model.LossWeighting)
     assert config.TIMESTEP_SAMPLINGS == get_args(model.TimestepSampling)
     assert config.SAMPLERS == samplers.SAMPLERS
+    assert config.SPACINGS == samplers.SPACINGS
     assert config.SCHEDULES == get_args(schedule.ScheduleKind)
 
 

@@ -224,7 +224,8 @@ def test_mirrored_strategy_matches_one_device():
         ("train.py", ["--flagfile=flags/smoke.flags", "--steps_per_epoch=0", "--output_dir={tmp}/run"],
          "steps_per_epoch must be at least 1"),
         ("sample.py", ["--output={tmp}"], "is a folder"),
-        ("export.py", ["--model=savedmodel", "--export_dir={tmp}/export"], "not a training run directory"),
+        ("export.py", ["--model={tmp}", "--export_dir={tmp}/export"], "neither a training run directory"),
+        ("export.py", ["--model=savedmodel", "--checkpoint_step=5", "--export_dir={tmp}/export"], "drop --checkpoint_step"),
     ],
 )
 def test_errors_are_one_clear_line_and_a_failing_exit_code(script, args, message, tmp_path):
