@@ -53,8 +53,7 @@ def hybrid_path(schedule, main_steps: int, band: Band) -> tuple[list[int], list[
     ode = [int(t) for t in samplers.sampling_timesteps(schedule, main_steps, "logsnr").numpy()]
     if band is None:
         return ode, [False] * len(ode)
-    alpha_bar = schedule.alpha_bar_at(tf.range(schedule.num_timesteps)).numpy().astype(np.float64)
-    sigma = np.sqrt((1.0 - alpha_bar) / alpha_bar)
+    sigma = samplers.edm_sigma(schedule, tf.range(schedule.num_timesteps)).numpy()
     in_band = (band[0] <= sigma) & (sigma <= band[1])
     path = sorted(set(ode) | set(np.flatnonzero(in_band).tolist()), reverse=True)
     return path, [bool(in_band[t] and t_prev >= 0 and in_band[t_prev]) for t, t_prev in zip(path, path[1:] + [-1])]

@@ -275,10 +275,13 @@ def edm_loop(denoise: Denoiser, schedule: NoiseSchedule, seeds, image_shape, num
         def churn():
             raised = edm_churned_timestep(schedule, t, gamma, churn_sigmas)
             added_std = tf.sqrt(tf.square(edm_sigma(schedule, raised)) - tf.square(edm_sigma(schedule, t)))
-            return x + added_std * per_image_noise(seeds, level + 1, image_shape), raised
+            # no churn (the ODE, or a level outside the band) draws no noise, as the other samplers' ODEs do not
+            churned = tf.cond(raised > t, lambda: x + added_std * per_image_noise(seeds, level + 1, image_shape),
+                              lambda: x)
+            return churned, raised, churned, raised
 
-        x_hat, t_hat = tf.cond(correcting, lambda: (x_hat, t_hat), churn)
-        x_in, t_in = tf.cond(correcting, lambda: (x, t_next), lambda: (x_hat, t_hat))
+        # a correction evaluates the Euler point x at t_next; a new level churns and evaluates x_hat at t_hat
+        x_hat, t_hat, x_in, t_in = tf.cond(correcting, lambda: (x_hat, t_hat, x, t_next), churn)
         pred_images, network_input = call_network(x_in, t_in)
         trajectory = trajectory.write(i, network_input) if return_trajectory else trajectory
         slope = (x_in - pred_images) / edm_sigma(schedule, t_in)
