@@ -2,8 +2,8 @@
 
     python bench/grid_colour.py --image_size 32 edm=a_s0.png,a_s64.png ode=b_s0.png,b_s64.png real=r0.png,r1.png
 
-A grid is `plots.save_image_grid`'s layout (8 x 8 tiles of `--image_size` pixels, 2-pixel padding, enlarged by an
-integer scale); each `name=grid,grid,...` pools the tiles of its grids. Prints `key value` lines per name:
+A grid is one that `plots.save_image_grid` wrote, 64 tiles of `--image_size` pixels, read back with
+`plots.split_image_grid`; each `name=grid,grid,...` pools the tiles of its grids. Prints `key value` lines per name:
 `<name>_images`, `<name>_channel_spread` (the mean over pixels of the largest minus the smallest of R, G and B,
 in grey levels: 0 for grey, larger for more saturated colour) and `<name>_mean_red`, `_mean_green`, `_mean_blue`.
 
@@ -20,19 +20,7 @@ import common  # noqa: E402,F401  (puts the repository on sys.path)
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-COLUMNS, PADDING = 8, 2  # plots.image_grid's layout for 64 images
-
-
-def grid_tiles(grid: np.ndarray, image_size: int) -> np.ndarray:
-    """The 64 uint8 tiles [64, size, size, C] of a grid image that `plots.save_image_grid` wrote."""
-    cell = image_size + PADDING
-    scale, remainder = divmod(grid.shape[1], COLUMNS * cell + PADDING)
-    if remainder or scale < 1 or grid.shape[0] != grid.shape[1]:
-        raise ValueError(f"A {grid.shape[1]}x{grid.shape[0]} image is not an 8x8 grid of {image_size}-pixel "
-                         f"tiles; pass the tiles' size with --image_size.")
-    grid = grid[::scale, ::scale]
-    return np.stack([grid[PADDING + row * cell:][:image_size, PADDING + column * cell:][:, :image_size]
-                     for row in range(COLUMNS) for column in range(COLUMNS)])
+from keras_ddpm import plots  # noqa: E402
 
 
 def colour_statistics(images: np.ndarray) -> dict:
@@ -52,8 +40,11 @@ def main():
         name, _, paths = spec.partition("=")
         if not name or not paths:
             parser.error(f"A set is name=grid.png[,grid.png...], got {spec!r}.")
-        images = np.concatenate([grid_tiles(tf.io.decode_png(tf.io.read_file(path)).numpy(), args.image_size)
-                                 for path in paths.split(",")])
+        grids = [tf.io.decode_png(tf.io.read_file(path)).numpy() for path in paths.split(",")]
+        try:
+            images = np.concatenate([plots.split_image_grid(grid, args.image_size) for grid in grids])
+        except ValueError as error:
+            parser.error(f"{name}: {error} Pass the tiles' size with --image_size.")
         print(f"{name}_images {len(images)}")
         for key, value in colour_statistics(images).items():
             print(f"{name}_{key} {value:.1f}")

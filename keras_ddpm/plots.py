@@ -12,7 +12,11 @@ from keras_ddpm.data import load_images
 from keras_ddpm.generation import Generator
 
 
-def image_grid(images: np.ndarray, columns: int | None = None, padding: int = 2, scale: int = 1) -> np.ndarray:
+GRID_PADDING = 2  # white pixels between and around the tiles of `image_grid`
+
+
+def image_grid(images: np.ndarray, columns: int | None = None, padding: int = GRID_PADDING,
+               scale: int = 1) -> np.ndarray:
     """Tile uint8 images [N, H, W, C] into one uint8 image, `columns` wide (default: square-ish).
 
     `scale` enlarges each pixel to a `scale` x `scale` block (nearest neighbour), so small 32x32 samples stay
@@ -32,6 +36,21 @@ def image_grid(images: np.ndarray, columns: int | None = None, padding: int = 2,
         left = padding + (index % columns) * (width + padding)
         grid[top : top + height, left : left + width] = image
     return grid.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def split_image_grid(grid: np.ndarray, image_size: int, count: int = 64) -> np.ndarray:
+    """The inverse of `image_grid` (default columns and padding, any scale): its `count` square tiles of
+    `image_size` pixels, uint8 [count, size, size, C]."""
+    columns = math.ceil(math.sqrt(count))
+    rows = math.ceil(count / columns)
+    cell = image_size + GRID_PADDING
+    scale, remainder = divmod(grid.shape[1], columns * cell + GRID_PADDING)
+    if remainder or scale < 1 or grid.shape[0] != scale * (rows * cell + GRID_PADDING):
+        raise ValueError(f"A {grid.shape[1]}x{grid.shape[0]} image is not a grid of {count} tiles of "
+                         f"{image_size} pixels.")
+    tiles = grid[::scale, ::scale][GRID_PADDING:, GRID_PADDING:]  # rows * cell by columns * cell
+    tiles = tiles.reshape(rows, cell, columns, cell, -1)[:, :image_size, :, :image_size]
+    return tiles.transpose(0, 2, 1, 3, 4).reshape(rows * columns, image_size, image_size, -1)[:count]
 
 
 def save_png(path, image: np.ndarray) -> pathlib.Path:

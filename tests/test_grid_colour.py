@@ -1,4 +1,4 @@
-"""bench/grid_colour.py: tiles read back from a saved grid, and its colour statistics."""
+"""plots.split_image_grid, the inverse of plots.image_grid, and bench/grid_colour.py's colour statistics."""
 
 import sys
 
@@ -9,19 +9,20 @@ from conftest import REPO
 from keras_ddpm import plots
 
 sys.path.insert(0, str(REPO / "bench"))
-from grid_colour import colour_statistics, grid_tiles  # noqa: E402
+from grid_colour import colour_statistics  # noqa: E402
 
 
-def test_grid_tiles_returns_the_images_the_grid_was_made_of():
-    images = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
-    grid = plots.image_grid(images, scale=3)
-    np.testing.assert_array_equal(grid_tiles(grid, 32), images)
+@pytest.mark.parametrize("count, size, scale", [(64, 32, 3), (64, 64, 2), (10, 8, 1)])
+def test_split_image_grid_returns_the_images_the_grid_was_made_of(count, size, scale):
+    images = np.random.default_rng(0).integers(0, 256, (count, size, size, 3), dtype=np.uint8)
+    grid = plots.image_grid(images, scale=scale)
+    np.testing.assert_array_equal(plots.split_image_grid(grid, size, count), images)
 
 
-def test_grid_tiles_refuses_a_wrong_tile_size():
+def test_split_image_grid_refuses_a_wrong_tile_size():
     grid = plots.image_grid(np.zeros((64, 32, 32, 3), np.uint8), scale=3)
-    with pytest.raises(ValueError, match="--image_size"):
-        grid_tiles(grid, 64)
+    with pytest.raises(ValueError, match="not a grid of 64 tiles of 64 pixels"):
+        plots.split_image_grid(grid, 64)
 
 
 def test_colour_statistics_of_grey_and_of_red():
