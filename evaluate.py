@@ -22,10 +22,13 @@ from keras_ddpm import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 cli.define_model_flags(__file__, "evaluate")  # --model, --checkpoint_step, --precision, --sampler, --steps, --eta
-flags.DEFINE_list("metrics", ["swd", "nll"], "Metrics to compute: swd, fid, kid, face, nll, nn (nearest training images; fid and kid need InceptionV3 weights; face uses MTCNN, offline).")
+flags.DEFINE_list("metrics", ["swd", "nll"], "Metrics to compute: swd, fid, kid, face, nll, nn (nearest training "
+                  "images; fid and kid need InceptionV3 weights; face uses MTCNN, offline).")
 # Real images
-flags.DEFINE_enum("dataset", None, ["celeba", "celeba_tfds", "fashion_mnist", "cifar10", "synthetic"], "Real images; default: the model's training dataset, else celeba.")
-flags.DEFINE_string("data_dir", None, "CelebA image folder (or its parent; default: the run's, else CELEBA_DIR); TFDS data dir.")
+flags.DEFINE_enum("dataset", None, ["celeba", "celeba_tfds", "fashion_mnist", "cifar10", "synthetic"],
+                  "Real images; default: the model's training dataset, else celeba.")
+flags.DEFINE_string("data_dir", None,
+                    "CelebA image folder (or its parent; default: the run's, else CELEBA_DIR); TFDS data dir.")
 flags.DEFINE_enum("split", "validation", ["train", "validation", "test"], "Split the real images come from.")
 flags.DEFINE_enum("crop", None, ["celeba64", "center140"], "CelebA crop box; default: the run's, else celeba64.")
 # Samples
@@ -34,14 +37,18 @@ flags.DEFINE_string("samples_npz", None, "Score these images (an .npz from sampl
 flags.DEFINE_integer("seed", 0, "Sample i uses seed + i; also seeds SWD and the NLL's draws.")
 flags.DEFINE_integer("batch_size", 64, "Images per sampling, Inception and NLL batch.")
 # Metrics
-flags.DEFINE_string("inception_weights", "imagenet", "InceptionV3 weights for FID/KID: 'imagenet' (download) or a notop .h5 file.")
+flags.DEFINE_string("inception_weights", "imagenet",
+                    "InceptionV3 weights for FID/KID: 'imagenet' (download) or a notop .h5 file.")
 flags.DEFINE_string("stats_cache", None, "Folder caching the real images' Inception statistics.")
 flags.DEFINE_integer("nll_images", 256, "Real images scored by the NLL bound (each costs nll_draws + 1 network calls).")
 flags.DEFINE_integer("nll_draws", 50, "Timesteps drawn per image for the NLL bound (stratified over t).")
 # Output
-flags.DEFINE_string("nn_png", None, "With --metrics=...,nn: write 16 samples beside their nearest training images here.")
-flags.DEFINE_integer("nn_train_images", 20000, "Training images the nn metric searches (the first N of the train split).")
-flags.DEFINE_string("output_json", None, "Where to write the results; default: <run>/evaluation.json (evaluation-ckpt-<step>.json with --checkpoint_step) or next to the SavedModel.")
+flags.DEFINE_string("nn_png", None,
+                    "With --metrics=...,nn: write 16 samples beside their nearest training images here.")
+flags.DEFINE_integer("nn_train_images", 20000,
+                     "Training images the nn metric searches (the first N of the train split).")
+flags.DEFINE_string("output_json", None, "Where to write the results; default: <run>/evaluation.json "
+                    "(evaluation-ckpt-<step>.json with --checkpoint_step) or next to the SavedModel.")
 flags.DEFINE_boolean("traceback", False, "Show the full traceback on errors.")
 
 

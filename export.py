@@ -1,14 +1,18 @@
-"""Export a checkpoint of a training run for TF Serving: `python export.py --model=runs/celeba32 --export_dir=exports/celeba32`.
+"""Export a training run's checkpoint for TF Serving.
+
+`python export.py --model=runs/celeba32 --export_dir=exports/celeba32`
 
 train.py exports a run's last weights to `<run>/savedmodel/1` when it finishes. This exports any checkpoint of a
 run (`--checkpoint_step`, default the newest) into a base folder of your choice, also while the run trains: it
 only reads the run. `--model` may also be an export (one whose metadata records its model config): its network is
 exported again with other sampling defaults, e.g. `python export.py --model=savedmodel --export_dir=savedmodel
---sampler=edm --eta=1`, which is how the shipped model got EDM's sampler after its run directory was gone. The export samples with the run's (or the source export's) sampler, steps and eta unless
-`--sampler`, `--steps` or `--eta` say otherwise (another sampler takes its own steps and eta 0), and its network computes in float32 unless `--precision`
-names another policy (an export's seeds give the images of the policy it was exported in). An existing version
-folder is replaced atomically: a failed export leaves it as it was. `--export_dir=savedmodel` replaces the
-shipped model.
+--sampler=edm --eta=1`, which is how the shipped model got EDM's sampler after its run directory was gone.
+
+The export samples with the run's (or the source export's) sampler, steps and eta unless `--sampler`, `--steps` or
+`--eta` say otherwise (another sampler takes its own steps and eta 0). Its network computes in float32 unless
+`--precision` names another policy (an export's seeds give the images of the policy it was exported in). An
+existing version folder is replaced atomically: a failed export leaves it as it was. `--export_dir=savedmodel`
+replaces the shipped model.
 """
 
 import os

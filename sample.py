@@ -26,7 +26,8 @@ flags.DEFINE_string("output", "samples/grid.png", "Where to write the image grid
 flags.DEFINE_string("image_dir", None, "Also write every image as a PNG into this folder.")
 flags.DEFINE_string("save_npz", None, "Also save the uint8 images [N, H, W, C] under key 'images' in this .npz.")
 flags.DEFINE_boolean("process_strip", False, "Write forward.png and reverse.png process figures next to --output.")
-flags.DEFINE_string("data_dir", None, "CelebA folder for the forward-process figure (default: the CELEBA_DIR variable).")
+flags.DEFINE_string("data_dir", None,
+                    "CelebA folder for the forward-process figure (default: the CELEBA_DIR variable).")
 flags.DEFINE_boolean("traceback", False, "Show the full traceback on errors.")
 
 

@@ -5,9 +5,9 @@
 
 The shipped model's ODE sampler (DPM-Solver++-20) breaks about one face in ten, DDPM with all 1,000 steps about
 one in twenty (REPORT.md 6.14, blind raters): the fresh noise of a stochastic sampler washes out errors that an ODE
-carries to the end, but it needs many small steps to do it. Restart sampling (Xu et al. 2023, "Restart Sampling for Improving
-Generative Processes", Algorithm 1) keeps the ODE's accuracy and gets the noise's contraction in one interval
-[t_min, t_max]: run the ODE down to t_min, then K times jump forward to t_max with the forward process,
+carries to the end, but it needs many small steps to do it. Restart sampling (Xu et al. 2023, "Restart Sampling
+for Improving Generative Processes", Algorithm 1) keeps the ODE's accuracy and gets the noise's contraction in one
+interval [t_min, t_max]: run the ODE down to t_min, then K times jump forward to t_max with the forward process,
 
     x_{t_max} = sqrt(alpha_bar_max / alpha_bar_min) x_{t_min} + sqrt(1 - alpha_bar_max / alpha_bar_min) z,
 
@@ -20,8 +20,8 @@ the main ODE's nearest timestep), K jumps and `steps` network calls for each run
 timesteps merges some; `_network_calls` counts them). `0` is the plain ODE, which draws
 the same images as `samplers.sample(..., "dpm++", eta=0)`. A run costs `--main_steps + K * steps` network calls.
 
-Each configuration (traced anew, which `_seconds` includes) draws `--num_images` samples from the seeds `--seed`, `--seed` + 1, ..., keeps the first 64 as
-<grid_dir>/restart_<spec>_s<seed>.png and, from 128 images on, scores them against as many held-out faces. Prints
+Each configuration (traced anew, which `_seconds` includes) draws `--num_images` samples from the seeds `--seed`,
+`--seed` + 1, ..., keeps the first 64 as <grid_dir>/restart_<spec>_s<seed>.png and, from 128 images on, scores them against as many held-out faces. Prints
 `key value` lines: floor_swd_mean, floor_face_fd, floor_face_landmark_fd (from 128 images), and per configuration
 <name>_network_calls, _seconds, _swd_mean, _face_rate, _face_fd, _face_landmark_fd.
 

@@ -1,4 +1,4 @@
-"""Sample quality against sampling cost: SWD and face metric of one model's samples for several samplers and step counts.
+"""Sample quality against sampling cost: SWD and face metric of one model's samples for several samplers and steps.
 
     python bench/sampler_sweep.py --model=savedmodel --data_dir=../shared/data/celeba \
         --runs ddim:10 ddim:20 ddim:50 ddim:100 ddim:50:1 dpm++:10 dpm++:20 ddpm:1000 --plot=docs/swd_vs_steps.png

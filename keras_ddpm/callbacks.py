@@ -1,4 +1,4 @@
-"""Keras callbacks of a training run: progress fields, checkpoints, sample grids, loss curve, NaN guard, SWD and face metric."""
+"""Keras callbacks of a training run: progress, checkpoints, sample grids, loss curve, NaN guard, SWD, face metric."""
 
 import csv
 import json

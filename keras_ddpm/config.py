@@ -166,7 +166,9 @@ class TrainConfig:
     export: bool = setting(True, "Export <output_dir>/savedmodel/1 at the end.")
     export_sampler: str = setting("ddim", "The export's default sampler (serving_default).", SAMPLERS)
     export_steps: int = setting(50, "The export's default number of sampling steps.")
-    export_eta: float = setting(0.0, "The export's default eta in [0, 1] (DDIM's, DPM-Solver++'s and EDM's noise; 0: the ODE); also used for sample grids and SWD.")
+    export_eta: float = setting(
+        0.0, "The export's default eta in [0, 1] (DDIM's, DPM-Solver++'s and EDM's noise; 0: the ODE); also used for "
+        "sample grids and SWD.")
     export_max_batch: int = setting(
         64, "Most seeds (or denoise images) one request to the export may hold; more fail with INVALID_ARGUMENT.")
     verbose: int | str = setting("auto", "Keras' fit() verbosity.", flag="")

@@ -1,4 +1,4 @@
-"""Evaluate a trained model: SWD, FID, KID and the face metric of its samples against held-out real images, and the NLL bound.
+"""Evaluate a trained model: SWD, FID, KID and face metric of its samples against held-out faces, and the NLL bound.
 
 `evaluate()` is what `python evaluate.py` runs:
 

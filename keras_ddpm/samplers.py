@@ -18,8 +18,8 @@ The update from t to the next timestep is one of:
   for noise levels in `EDM_CHURN_SIGMAS`; `eta = 0` is Heun's ODE sampler (their Algorithm 1).
 
 The last step of all four is the same: from t_{S-1} the sample is the denoiser's x0 estimate. So S steps cost
-S network calls (EDM too: see `edm_levels`). The loop is a `tf.while_loop`; randomness is stateless and per image (image b uses the seed
-`seeds[b]`), so an image depends only on its own seed, never on the batch it was drawn in.
+S network calls (EDM too: see `edm_levels`). The loop is a `tf.while_loop`; randomness is stateless and per image
+(image b uses the seed `seeds[b]`), so an image depends only on its own seed, never on the batch it was drawn in.
 
 Notation. The three papers name the same quantities differently (DDIM's alpha_t is DDPM's alpha-bar_t, and
 "sigma_t" is a step's noise in DDPM and DDIM but the marginal noise level in DPM-Solver), so the code uses one
