@@ -240,9 +240,30 @@ class SavedModelGenerator:
         self._samplers = {}
 
     def network_output(self, inputs: list) -> tf.Tensor:
-        """The network's raw output through the `denoise` signature."""
+        """The network's raw output through the `denoise` signature, in requests of at most `max_batch_size` images.
+
+        Guidance sends a batch twice in one network call (conditional and unconditional), so a batch of seeds the
+        export accepts can still be twice its cap here.
+        """
+        denoise = self.loaded.signatures["denoise"]
         names = ["x_t", "t", "label"][: len(inputs)]
-        return self.loaded.signatures["denoise"](**dict(zip(names, inputs)))["prediction"]
+
+        def predict(chunk):
+            return denoise(**dict(zip(names, chunk)))["prediction"]
+
+        cap = self.max_batch_size
+        if cap is None:
+            return predict(inputs)
+        num_chunks = -(-tf.shape(inputs[0])[0] // cap)
+        predictions = tf.TensorArray(tf.float32, size=num_chunks, infer_shape=False,
+                                     element_shape=denoise.structured_outputs["prediction"].shape)
+
+        def predict_chunk(index, predictions):
+            chunk = [tensor[index * cap : (index + 1) * cap] for tensor in inputs]
+            return index + 1, predictions.write(index, predict(chunk))
+
+        _, predictions = tf.while_loop(lambda index, _: index < num_chunks, predict_chunk, [0, predictions])
+        return predictions.concat()
 
     def generate(self, num_images=None, *, seed=0, seeds=None, steps=None, sampler=None, eta=None, spacing=None,
                  labels=None, guidance=1.0, return_trajectory=False, on_step=None):

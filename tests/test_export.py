@@ -203,6 +203,23 @@ def test_clients_of_the_library_respect_the_batch_cap(export_dir):
     assert images.shape == (65, 16, 16, 3)
 
 
+def test_guided_step_reports_split_the_doubled_batch_at_the_cap(tmp_path):
+    """With guidance, each network call holds a batch twice: sampling with step reports (the `denoise` signature)
+    sends it in requests the export's cap allows, and draws the images of the export's own `generate` signature."""
+    model = make_model(num_classes=3, objective="v")
+    rng = np.random.default_rng(0)  # untrained, the zero-initialised layers would cut the label off from the output
+    model.ema_network.set_weights([w + 0.05 * rng.standard_normal(w.shape) for w in model.ema_network.get_weights()])
+    export_dir = tmp_path / "savedmodel"
+    export_savedmodel(model, export_dir, version=1, steps=3, max_batch_size=3)
+    generator = load_generator(export_dir)
+    options = dict(seeds=[1, 2, 3], labels=[0, 1, 2], guidance=3.0)  # 6 images a call, twice the cap
+    calls = []
+    reported = generator.generate(**options, on_step=calls.append)
+    exported = generator.generate(**options)
+    assert calls == [1, 2, 3]
+    assert np.abs(reported.astype(int) - exported).max() <= 1
+
+
 def test_an_export_reports_the_steps_of_every_sampler_its_own_included(export_dir, model):
     """Asked for step reports, the export's own sampler runs here on the `denoise` signature, as other samplers do,
     and draws the images of the export's `generate` signature (to within one grey level: the graphs differ)."""
