@@ -19,18 +19,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags  # noqa: E402
 
 from keras_ddpm import cli  # noqa: E402
+from keras_ddpm.config import CROPS, DATASETS  # noqa: E402
 
 FLAGS = flags.FLAGS
 cli.define_model_flags(__file__, "evaluate")  # --model, --checkpoint_step, --precision, --sampler, --steps, --eta
 flags.DEFINE_list("metrics", ["swd", "nll"], "Metrics to compute: swd, fid, kid, face, nll, nn (nearest training "
                   "images; fid and kid need InceptionV3 weights; face uses MTCNN, offline).")
 # Real images
-flags.DEFINE_enum("dataset", None, ["celeba", "celeba_tfds", "fashion_mnist", "cifar10", "synthetic"],
-                  "Real images; default: the model's training dataset, else celeba.")
+flags.DEFINE_enum("dataset", None, DATASETS, "Real images; default: the model's training dataset, else celeba.")
 flags.DEFINE_string("data_dir", None,
                     "CelebA image folder (or its parent; default: the run's, else CELEBA_DIR); TFDS data dir.")
 flags.DEFINE_enum("split", "validation", ["train", "validation", "test"], "Split the real images come from.")
-flags.DEFINE_enum("crop", None, ["celeba64", "center140"], "CelebA crop box; default: the run's, else celeba64.")
+flags.DEFINE_enum("crop", None, CROPS, "CelebA crop box; default: the run's, else celeba64.")
 # Samples
 flags.DEFINE_integer("num_images", 2000, "Samples and real images for SWD, FID, KID and face.")
 flags.DEFINE_string("samples_npz", None, "Score these images (an .npz from sample.py --save_npz) instead of sampling.")

@@ -42,10 +42,8 @@ def main(argv):
     with cli.script_main("sample.py", argv, FLAGS.traceback):
         import pathlib
 
-        import numpy as np
-
         from keras_ddpm import files, plots
-        from keras_ddpm.generation import generate_in_batches
+        from keras_ddpm.generation import generate_in_batches, labels_in_turn
         from keras_ddpm.runs import load_generator, sampling_precision
 
         output = files.check_output_file(FLAGS.output)  # before sampling, which can take minutes
@@ -59,8 +57,8 @@ def main(argv):
         print(f"  precision: {precision} ({reason})")
         options = dict(sampler=FLAGS.sampler, steps=FLAGS.steps, eta=FLAGS.eta,
                        spacing=FLAGS.spacing, guidance=FLAGS.guidance, labels=FLAGS.label)
-        if generator.num_classes and FLAGS.label is None:
-            options["labels"] = np.arange(FLAGS.num_images) % generator.num_classes  # classes in turn
+        if FLAGS.label is None:
+            options["labels"] = labels_in_turn(FLAGS.num_images, generator.num_classes)
         images = generate_in_batches(generator, FLAGS.num_images, FLAGS.batch_size, FLAGS.seed, **options)
         plots.save_image_grid(output, images)
         print(f"Wrote {output} ({len(images)} images, {images.shape[1]}x{images.shape[2]}).")

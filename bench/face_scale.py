@@ -19,7 +19,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import common  # noqa: E402  (puts the repository on sys.path)
+import common  # noqa: E402,F401  (puts the repository on sys.path)
 import numpy as np  # noqa: E402
 from swd_scale import DEFAULT_DATA_DIR, add_noise, blur, pixelate  # noqa: E402
 

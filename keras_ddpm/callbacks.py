@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_ddpm import files, plots
-from keras_ddpm.generation import generate_in_batches
+from keras_ddpm.generation import generate_in_batches, labels_in_turn
 from keras_ddpm.metrics import face as face_metric
 from keras_ddpm.metrics import sliced_wasserstein_distance
 from keras_ddpm.runs import is_diverged, optimizer_step, weights_problem
@@ -171,14 +171,22 @@ class SampleGrid(keras.callbacks.Callback):
         self.eta = eta
         self.labels = labels
         self.seed = seed
-        self.writer = tf.summary.create_file_writer(str(log_dir)) if log_dir else None
+        self.log_dir = log_dir
+        self.writer = None
+
+    def on_train_begin(self, logs=None):
+        if self.log_dir:
+            self.writer = tf.summary.create_file_writer(str(self.log_dir))
+
+    def on_train_end(self, logs=None):
+        if self.writer:  # its event file and thread end with the run, not with the process
+            self.writer.close()
+            self.writer = None
 
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every_epochs:
             return
-        labels = self.labels
-        if labels is None and self.model.num_classes:
-            labels = np.arange(self.num_images) % self.model.num_classes
+        labels = self.labels if self.labels is not None else labels_in_turn(self.num_images, self.model.num_classes)
         images = self.model.generate(
             self.num_images, seed=self.seed, steps=self.steps, sampler=self.sampler, eta=self.eta, labels=labels
         )
@@ -275,9 +283,9 @@ class SWDMonitor(keras.callbacks.Callback):
         if epoch != self._first_epoch and (epoch + 1) % self.every_epochs:
             return
         num_images = len(self.real_images)
-        labels = np.arange(num_images) % self.model.num_classes if self.model.num_classes else None
         samples = generate_in_batches(self.model, num_images, self.batch_size, self.seed, verbose=False,
-                                      sampler=self.sampler, steps=self.steps, eta=self.eta, labels=labels)
+                                      sampler=self.sampler, steps=self.steps, eta=self.eta,
+                                      labels=labels_in_turn(num_images, self.model.num_classes))
         swd = sliced_wasserstein_distance(samples, self.real_images, seed=self.seed)["swd_mean"]
         if logs is not None:
             logs["swd"] = swd

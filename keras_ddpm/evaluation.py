@@ -31,7 +31,7 @@ from keras_ddpm.metrics import face as face_metric
 from keras_ddpm.data import load_images
 from keras_ddpm.errors import NotOurSavedModelError
 from keras_ddpm.export import find_version_dir, read_metadata
-from keras_ddpm.generation import Generator, generate_in_batches, sampling_defaults
+from keras_ddpm.generation import Generator, generate_in_batches, labels_in_turn, sampling_defaults
 from keras_ddpm.runs import load_generator, read_run_config, sampling_precision
 
 METRICS = ("swd", "fid", "kid", "nll", "nn", "face")
@@ -332,9 +332,8 @@ def evaluate(
 def _draw_samples(generator, num_images, sampler, steps, eta, seed, batch_size, verbose):
     """`num_images` samples from seeds `seed, seed + 1, ...` (classes in turn for a conditional model), and how."""
     sampler, steps, eta = sampling_defaults(generator, sampler, steps, eta)
-    labels = np.arange(num_images) % generator.num_classes if generator.num_classes else None
     samples = generate_in_batches(generator, num_images, batch_size, seed, verbose, sampler=sampler, steps=steps,
-                                  eta=eta, labels=labels)  # says how it samples when verbose
+                                  eta=eta, labels=labels_in_turn(num_images, generator.num_classes))  # says how it samples when verbose
     made = {"source": "generated", "num_images": len(samples), "sampler": sampler, "steps": steps, "eta": eta,
             "seeds": [seed, seed + num_images - 1]}
     return samples, made

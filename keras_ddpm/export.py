@@ -115,10 +115,7 @@ def export_savedmodel(
     if isinstance(version, bool) or not isinstance(version, numbers.Integral) or version < 0:
         raise ValueError(f"version must be an integer >= 0 (TF Serving's version folder name), got {version!r}.")
     samplers.check_sampler(sampler)
-    if not 1 <= steps <= model.schedule.num_timesteps:
-        raise ValueError(f"steps must be in [1, {model.schedule.num_timesteps}] (the schedule's T), got {steps}.")
-    if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta must be in [0, 1], got {eta}.")
+    samplers.check_steps_and_eta(steps, eta, model.schedule.num_timesteps)
     if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, numbers.Integral) or max_batch_size < 1:
         raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}.")
     steps, eta, max_batch_size = int(steps), float(eta), int(max_batch_size)

@@ -110,7 +110,6 @@ def check_request(generator: Generator, num_images=None, seed=0, seeds=None, ste
                   spacing=None, labels=None, guidance=1.0) -> Request:
     """Validate the arguments of a `generate()` call (see `DiffusionModel.generate` for each) into a `Request`."""
     sampler, steps, eta = sampling_defaults(generator, sampler, steps, eta)
-    num_timesteps, num_classes = generator.schedule.num_timesteps, generator.num_classes
     if seeds is None:
         if num_images is None or num_images < 1:
             raise ValueError("Pass num_images >= 1 or an explicit list of seeds.")
@@ -121,12 +120,14 @@ def check_request(generator: Generator, num_images=None, seed=0, seeds=None, ste
     if generator.max_batch_size and len(seeds) > generator.max_batch_size:
         raise ValueError(f"This export takes at most {generator.max_batch_size} seeds per call (its max_batch_size), "
                          f"got {len(seeds)}; use generate_in_batches.")
-    if not 1 <= steps <= num_timesteps:
-        raise ValueError(f"steps must be in [1, {num_timesteps}], got {steps}.")
-    if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta must be in [0, 1], got {eta}.")
-    labels = check_labels(labels, guidance, num_classes, len(seeds))
+    samplers.check_steps_and_eta(steps, eta, generator.schedule.num_timesteps)
+    labels = check_labels(labels, guidance, generator.num_classes, len(seeds))
     return Request(seeds, steps, sampler, float(eta), spacing, labels, float(guidance))
+
+
+def labels_in_turn(num_images: int, num_classes: int) -> np.ndarray | None:
+    """Labels 0, 1, ..., num_classes - 1, 0, 1, ... for `num_images` images; None for an unconditional model."""
+    return np.arange(num_images) % num_classes if num_classes else None
 
 
 def check_labels(labels, guidance, num_classes: int, num_images: int) -> np.ndarray:

@@ -72,6 +72,17 @@ def check_sampler(sampler) -> SamplerName:
     return sampler
 
 
+def check_steps_and_eta(steps: int, eta: float, num_timesteps: int, names=("steps", "eta")) -> None:
+    """A ValueError unless 1 <= steps <= T (a sampler's network calls) and eta lies in [0, 1].
+
+    `names` are what the message calls the two, e.g. the flags they came from.
+    """
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"{names[0]} must be in [1, {num_timesteps}] (the schedule's T), got {steps}.")
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"{names[1]} must be in [0, 1], got {eta}.")
+
+
 def default_steps(sampler: SamplerName, num_timesteps: int) -> int:
     """Network evaluations when none are asked for: all T for DDPM, 50 for DDIM, 20 for DPM-Solver++, 199 for EDM
     (100 noise levels, the fewest measured to draw as many whole faces as DDPM-1000, REPORT.md 6.18; at most T)."""

@@ -66,14 +66,14 @@ class NoiseSchedule:
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
     ):
+        if num_timesteps < 2:
+            raise ValueError(f"num_timesteps must be at least 2, got {num_timesteps}.")
         if kind == "linear":
             betas = linear_betas(num_timesteps, beta_start, beta_end)
         elif kind == "cosine":
             betas = cosine_betas(num_timesteps)
         else:
             raise ValueError(f"Unknown noise schedule {kind!r}; choose 'linear' or 'cosine'.")
-        if num_timesteps < 2:
-            raise ValueError(f"num_timesteps must be at least 2, got {num_timesteps}.")
         self.kind = kind
         self.num_timesteps = num_timesteps
         self.beta_start = beta_start

@@ -19,10 +19,11 @@ import keras
 import tensorflow as tf
 
 from keras_ddpm import callbacks as run_callbacks
+from keras_ddpm import samplers
 from keras_ddpm.config import STRATEGIES, ModelConfig, TrainConfig
 from keras_ddpm.data import load_images, make_dataset
 from keras_ddpm.errors import TrainingDiverged
-from keras_ddpm.precision import resolve_precision
+from keras_ddpm.precision import dtype_policy, resolve_precision
 from keras_ddpm.runs import (DIVERGED_LOSS, check_same_model, export_run, optimizer_step, prepare_run_directory,
                              restore_checkpoint, trim_log, worker_directory)
 
@@ -156,9 +157,17 @@ def train(model_config: ModelConfig, train_config: TrainConfig, output_dir):
     if cfg.batch_size % strategy.num_replicas_in_sync:
         raise ValueError(f"--batch_size={cfg.batch_size} (the global batch) must be a multiple of the "
                          f"{strategy.num_replicas_in_sync} replicas, so that each gets the same number of images.")
+    for name in ("sample_steps", "export_steps"):  # else they would fail at the first grid, or after training
+        samplers.check_steps_and_eta(getattr(cfg, name), cfg.export_eta, model_config.num_timesteps,
+                                     names=(f"--{name}", "--export_eta"))
     precision, reason = resolve_precision(cfg.precision)
     logger.info("Precision: %s (%s).", precision, reason)
-    keras.mixed_precision.set_dtype_policy(precision)
+    with dtype_policy(precision):  # the caller's own policy comes back afterwards
+        return _train_under_policy(model_config, cfg, output_dir, strategy)
+
+
+def _train_under_policy(model_config: ModelConfig, cfg: TrainConfig, output_dir, strategy):
+    """`train` after its checks, with the run's dtype policy set: data, model, fit, export."""
     keras.utils.set_random_seed(cfg.seed)
     run_dir = pathlib.Path(output_dir)
     check_same_model(run_dir, model_config)

@@ -100,7 +100,10 @@ def test_the_flags_offer_the_choices_the_library_takes():
     from typing import get_args
 
     from keras_ddpm import config, model, samplers, schedule
+    from keras_ddpm.data import celeba, common
 
+    assert config.DATASETS == get_args(common.DatasetName)
+    assert config.CROPS == get_args(celeba.CropName) == tuple(celeba.CROP_BOXES)
     assert config.OBJECTIVES == get_args(schedule.Objective)
     assert config.LOSS_WEIGHTINGS == get_args(model.LossWeighting)
     assert config.TIMESTEP_SAMPLINGS == get_args(model.TimestepSampling)

@@ -1,7 +1,6 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from keras_ddpm.model import DiffusionModel
 from keras_ddpm.schedule import NoiseSchedule

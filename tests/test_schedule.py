@@ -90,3 +90,10 @@ def test_snr_and_config_round_trip():
 def test_unknown_kind_is_a_clear_error():
     with pytest.raises(ValueError, match="linear"):
         NoiseSchedule("quadratic")
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+@pytest.mark.parametrize("num_timesteps", [0, 1])
+def test_too_few_timesteps_is_a_clear_error(kind, num_timesteps):
+    with pytest.raises(ValueError, match=f"num_timesteps must be at least 2, got {num_timesteps}"):
+        NoiseSchedule(kind, num_timesteps)

@@ -270,6 +270,21 @@ def test_bad_counts_and_options_are_clear_errors():
         shipped.generate(2, guidance=3.0)
 
 
+@pytest.mark.parametrize("settings, message", [
+    (dict(export_steps=2000), "--export_steps must be in \\[1, 1000\\]"),
+    (dict(sample_steps=1001), "--sample_steps must be in \\[1, 1000\\]"),
+    (dict(export_eta=1.5), "--export_eta must be in \\[0, 1\\]"),
+])
+def test_sampling_settings_out_of_range_fail_before_training(tmp_path, settings, message):
+    """Not at the first sample grid, nor at the export after the whole run."""
+    from keras_ddpm.config import ModelConfig, TrainConfig
+    from keras_ddpm.training import train
+
+    with pytest.raises(ValueError, match=message):
+        train(ModelConfig(), TrainConfig(dataset="synthetic", **settings), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_bad_model_config_writes_nothing_that_blocks_the_corrected_rerun(tmp_path):
     result = run_script("train.py", "--flagfile=flags/smoke.flags", f"--output_dir={tmp_path / 'run'}",
                         "--norm_groups=5")

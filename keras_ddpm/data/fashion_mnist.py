@@ -43,7 +43,6 @@ PART_FILES = {  # part -> (image file, label file), without .gz
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049  # unsigned bytes in 3 and in 1 dimensions
-UNSIGNED_BYTE = 0x08
 FIX_HINT = "Download the official file again (https://github.com/zalandoresearch/fashion-mnist, data/fashion/)."
 
 

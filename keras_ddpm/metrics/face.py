@@ -33,12 +33,12 @@ Example (uint8 face images [N, H, W, 3]; tests/test_face_metric.py runs it on Ce
 import functools
 from typing import NamedTuple
 
-import keras
 import numpy as np
 import tensorflow as tf
 
 from keras_ddpm.metrics.images import check_images
 from keras_ddpm.metrics.inception import feature_statistics, frechet_distance
+from keras_ddpm.precision import dtype_policy
 
 ONET_SIZE = 48  # O-Net's input side
 # Side the detection cascade sees: 3x a 32x32 image, room for P-Net's 12-px window. (At 128 px with a 32-px
@@ -47,8 +47,6 @@ DETECTOR_SIZE = 96
 # The image's own face fills most of an aligned crop (87% of its height); a smaller detection would be some other
 # face-like patch. MTCNN does not search for faces below this size.
 MIN_FACE_FRACTION = 0.25
-# O-Net's landmark order: the eye on the image's left, the other eye, nose, left and right mouth corners.
-LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 
 
 class FaceNetworks(NamedTuple):
@@ -80,12 +78,8 @@ def load_face_networks() -> FaceNetworks:
         from mtcnn import MTCNN
     except ImportError as error:
         raise RuntimeError(f"The face metric needs the mtcnn package ({error}); pip install mtcnn.") from error
-    policy = keras.mixed_precision.dtype_policy()
-    keras.mixed_precision.set_dtype_policy("float32")
-    try:
+    with dtype_policy("float32"):  # MTCNN's layers take the global policy; the caller's comes back afterwards
         detector = MTCNN(stages="face_and_landmarks_detection", device="CPU:0")
-    finally:
-        keras.mixed_precision.set_dtype_policy(policy)
     return FaceNetworks(detector, detector.get_stage(stage_name="Stage ONET").model)
 
 
@@ -138,6 +132,8 @@ def onet_outputs(images: np.ndarray, networks: FaceNetworks, batch_size: int = 5
 
 def normalise_landmarks(landmarks: np.ndarray) -> np.ndarray:
     """The 5-point geometry in the eyes' frame: float [N, 5, 2] -> [N, 6] (nose, mouth_left, mouth_right).
+
+    The points come in O-Net's order: the eye on the image's left, the other eye, nose, left and right mouth corners.
 
     Origin at the midpoint of the eyes, x-axis from the left to the right eye, unit the inter-ocular
     distance: a similarity transform, so the eyes land on (-0.5, 0) and (0.5, 0) and the remaining
