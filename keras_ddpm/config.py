@@ -156,7 +156,7 @@ class TrainConfig:
     seed: int = setting(0, "Random seed.")
     sample_every_epochs: int = setting(1, "Sample-grid interval in epochs.")
     num_samples: int = setting(64, "Images in each sample grid.")
-    sample_steps: int = setting(50, "DDIM steps for the sample grids.")
+    sample_steps: int = setting(50, "DDIM steps (at --export_eta) for the sample grids and the SWD monitor.")
     validation_images: int = setting(0, "Held-out images for val_loss each epoch (0 = none).")
     swd_every_epochs: int = setting(
         0, "Log the SWD of EMA samples vs validation images every N epochs and keep best_ema.weights.h5 (0 = off).")

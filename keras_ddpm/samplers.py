@@ -138,7 +138,7 @@ def make_denoiser(network_output, schedule, objective, labels=None, null_label=N
 def sampling_timesteps(schedule: NoiseSchedule, num_steps, spacing: Spacing = "uniform") -> tf.Tensor:
     """A strictly decreasing int32 sequence of `num_steps` timesteps from T - 1 down to 0.
 
-    Spacings (all start at T - 1 and end at 0):
+    Spacings (all start at T - 1 and, from two steps on, end at 0; one step is [T - 1]):
     - `"uniform"`: evenly spaced in t from T - 1 to 0 (Lin et al. 2024 show that starting at T - 1 matters);
     - `"quadratic"`: t grows with the square of the step index, denser near the data (Song et al. 2021, App. D.2);
     - `"logsnr"`: evenly spaced in log-SNR lambda_t (Lu et al. 2022 recommend it for DPM-Solver);

@@ -175,7 +175,7 @@ class NoiseSchedule:
         respaced beta' = 1 - alpha_bar_t / alpha_bar_{t_prev} (Nichol & Dhariwal 2021, Sec. 4), which lets
         ancestral sampling skip steps. `variance` picks sigma_t^2 = beta-tilde (the true posterior variance,
         the default) or beta (the upper bound); both are discussed in Ho et al. 2020, Sec. 3.2.
-        The variance has the shape of `t`, broadcastable over images.
+        The variance has shape [B, 1, ..., 1], broadcastable over images.
         """
         if t_prev is None:
             t_prev = t - 1

@@ -173,8 +173,6 @@ def _train_under_policy(model_config: ModelConfig, cfg: TrainConfig, output_dir,
     check_same_model(run_dir, model_config)
     data_options = dict(data_dir=cfg.data_dir, crop=cfg.crop, with_labels=model_config.num_classes > 0,
                         seed=cfg.seed, channels=model_config.channels)
-    dataset = make_dataset(cfg.dataset, "train", model_config.image_size, cfg.batch_size, cache=cfg.cache,
-                           **data_options)
     validation = None
     if cfg.validation_images:
         validation = make_dataset(cfg.dataset, "validation", model_config.image_size, cfg.batch_size,
@@ -192,6 +190,11 @@ def _train_under_policy(model_config: ModelConfig, cfg: TrainConfig, output_dir,
         manager, start_step = restore_checkpoint(output_dir, model, cfg.keep_checkpoints, cfg.restore_checkpoint,
                                                  probe, restore_dir=run_dir)
     trim_log(output_dir / "log.csv", start_step)
+    # One batch a step: a resumed run goes on with the batches an uninterrupted run would have trained on.
+    if start_step:
+        logger.info("Resuming at step %d: the data stream goes on at batch %d.", start_step, start_step)
+    dataset = make_dataset(cfg.dataset, "train", model_config.image_size, cfg.batch_size, cache=cfg.cache,
+                           start_batch=start_step, **data_options)
 
     guard = run_callbacks.NaNGuard()
     checkpoints = run_callbacks.Checkpoint(manager, *probe)

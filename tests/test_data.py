@@ -246,6 +246,20 @@ def test_training_flips_drops_remainder_and_repeats(tmp_path):
         data.make_dataset("celeba", with_labels=True, data_dir=tmp_path)
 
 
+def test_a_stream_started_at_batch_n_is_the_stream_after_n_batches(tmp_path):
+    """What a run resumed at step N trains on: the images and flips an uninterrupted run had from batch N on."""
+    rng = np.random.default_rng(0)
+    for index in range(1, 11):  # noise images: each one is told apart, and so is its mirror image
+        write_image(tmp_path / f"{index:06d}.png", rng.integers(0, 256, (44, 36, 3), np.uint8))
+    options = dict(batch_size=4, data_dir=tmp_path, holdout_fraction=0.0)  # 2.5 batches an epoch
+    uninterrupted = list(data.make_dataset("celeba", "train", 16, **options).take(9).as_numpy_iterator())
+    resumed = list(data.make_dataset("celeba", "train", 16, start_batch=6, **options).take(3).as_numpy_iterator())
+    np.testing.assert_array_equal(np.stack(resumed), np.stack(uninterrupted[6:]))
+    assert not np.array_equal(resumed[0], uninterrupted[0])
+    with pytest.raises(ValueError, match="start_batch must be >= 0, and 0 unless training"):
+        data.make_dataset("celeba", "validation", 16, start_batch=2, **options)
+
+
 @pytest.mark.parametrize(
     "name, image_size, shape",
     [("celeba_tfds", 32, (32, 32, 3)), ("fashion_mnist", 28, (28, 28, 1)), ("cifar10", 32, (32, 32, 3))],

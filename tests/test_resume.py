@@ -220,6 +220,16 @@ def test_leftovers_of_killed_saves_and_exports_are_cleaned(tmp_path):
     assert sorted(path.name for path in exports.iterdir()) == [".export.lock", "2", "3"]
 
 
+def test_a_resumed_run_trains_as_the_uninterrupted_one_did(tmp_path):
+    """The same data (the stream goes on at the resumed step), draws (keyed by the step) and optimizer state."""
+    config = dict(steps_per_epoch=2, **FAST)
+    uninterrupted = train(TINY, TrainConfig(train_steps=4, **config), tmp_path / "uninterrupted")
+    train(TINY, TrainConfig(train_steps=2, **config), tmp_path / "resumed")
+    resumed = train(TINY, TrainConfig(train_steps=4, **config), tmp_path / "resumed")
+    for expected, actual in zip(uninterrupted.ema_network.weights, resumed.ema_network.weights, strict=True):
+        np.testing.assert_allclose(actual.numpy(), expected.numpy(), rtol=1e-5, atol=1e-7, err_msg=expected.path)
+
+
 def test_a_rerun_with_other_steps_per_epoch_counts_steps_exactly(tmp_path):
     run_with_checkpoints(tmp_path)
     (tmp_path / "log.csv").write_text("epoch,loss,step\n0,0.9,1\n1,0.8,2\n2,0.7,3\n")
