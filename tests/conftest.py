@@ -23,6 +23,14 @@ def celeba_dir():
     return CELEBA_DIR
 
 
+def pytest_collection_modifyitems(items):
+    """Every test that reads CelebA through `celeba_dir` carries the `celeba` marker: `-m "not celeba"` leaves out
+    all of them."""
+    for item in items:
+        if "celeba_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.celeba)
+
+
 @pytest.fixture(autouse=True)
 def _float32_policy():
     """Every test starts and ends under float32, whatever policy it set."""

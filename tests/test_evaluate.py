@@ -40,8 +40,11 @@ def trained(tmp_path_factory):
     monitor = callbacks.SWDMonitor(load_images("synthetic", "validation", 16, 16), every_epochs=2,
                                    best_weights_path=folder / "best_ema.weights.h5", steps=3, batch_size=16)
     csv_logger = keras.callbacks.CSVLogger(str(folder / "log.csv"))
+    monitor.weights_by_epoch = []  # (EMA, raw) weights at each epoch's end, for the best-weights check
+    snapshot = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: monitor.weights_by_epoch.append(
+        (model.ema_network.get_weights(), model.network.get_weights())))
     model.fit(make_dataset("synthetic", "train", 16, 8), epochs=3, steps_per_epoch=1, verbose=0, shuffle=False,
-              callbacks=[monitor, csv_logger])
+              callbacks=[monitor, csv_logger, snapshot])
     run_dir = folder / "run"
     prepare_run_directory(run_dir, TINY, TrainConfig(dataset="synthetic"))
     manager, _ = restore_checkpoint(run_dir, model)
@@ -63,11 +66,14 @@ def cli_runs(trained):
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for name, arguments in commands.items()
     }
-    return processes, folder
+    yield processes, folder
+    for process in processes.values():  # a failed or deselected reader leaves none running
+        process.kill()
+        process.communicate()
 
 
 def finished(process):
-    stdout, stderr = process.communicate(timeout=120)
+    stdout, stderr = process.communicate(timeout=600)  # the cores may be shared
     return process.returncode, stdout, stderr
 
 
@@ -88,7 +94,10 @@ def test_swd_monitor_logs_to_csv_and_keeps_the_best_ema_weights(trained, cli_run
     assert record["step"] == record["epoch"]  # one step per epoch
     restored = keras.models.clone_model(model.ema_network)
     restored.load_weights(folder / "best_ema.weights.h5")
-    assert all(np.all(np.isfinite(weights)) for weights in restored.get_weights())
+    ema_weights, raw_weights = monitor.weights_by_epoch[record["epoch"] - 1]  # the best epoch's, not the last one's
+    for saved, ema in zip(restored.get_weights(), ema_weights, strict=True):
+        np.testing.assert_array_equal(saved, ema)
+    assert any(not np.array_equal(ema, raw) for ema, raw in zip(ema_weights, raw_weights))
 
 
 def test_swd_monitor_resumes_with_its_best_score(trained):

@@ -196,7 +196,7 @@ print(json.dumps({"replicas": replicas, "images": images.reshape(len(images), -1
 """
 
 
-@pytest.mark.parametrize("name", ["synthetic", "celeba"])
+@pytest.mark.parametrize("name", ["synthetic", pytest.param("celeba", marks=pytest.mark.celeba)])
 def test_workers_split_each_global_batch_and_read_different_images(name, processes, request):
     """Each worker gets its half of the one-process global batch (DATA sharding): different images, none shared.
 
