@@ -21,9 +21,10 @@ timesteps merges some; `_network_calls` counts them). `0` is the plain ODE, whic
 the same images as `samplers.sample(..., "dpm++", eta=0)`. A run costs `--main_steps + K * steps` network calls.
 
 Each configuration (traced anew, which `_seconds` includes) draws `--num_images` samples from the seeds `--seed`,
-`--seed` + 1, ..., keeps the first 64 as <grid_dir>/restart_<spec>_s<seed>.png and, from 128 images on, scores them against as many held-out faces. Prints
-`key value` lines: floor_swd_mean, floor_face_fd, floor_face_landmark_fd (from 128 images), and per configuration
-<name>_network_calls, _seconds, _swd_mean, _face_rate, _face_fd, _face_landmark_fd.
+`--seed` + 1, ..., keeps the first 64 as <grid_dir>/restart_<spec>_s<seed>.png and, from 128 images on, scores them
+against as many held-out faces. Prints `key value` lines: floor_swd_mean, floor_face_fd, floor_face_landmark_fd
+(from 128 images), and per configuration <name>_network_calls, _seconds, _swd_mean, _face_rate, _face_fd,
+_face_landmark_fd.
 
 On the shipped model, six blind raters found no configuration that breaks fewer faces than the plain ODE, and
 restarts from sigma = 2 to 10 break about twice as many (REPORT.md 6.17).

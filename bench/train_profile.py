@@ -3,11 +3,11 @@
     python bench/train_profile.py [--steps 5] [--xla] [--precision auto]
 
 Traces `--steps` steady-state optimizer steps of `flags/celeba32_cpu.flags`'s model with the TensorFlow
-profiler, reads the host trace (the XPlane protobuf that TensorBoard's profile plugin reads too) and sums
-the duration of every executed op by its type. Prints `op_<type>_pct <share of summed op time>` for the
-largest types (summed over both cores' threads), then `op_conv_pct`, the share of convolutions (forward and both
-backward kernels): the part of a step that runs near the matmul peak. What is not convolution (GroupNorm, swish, additions, the
-optimizer) is memory-bound work that bounds the achieved fraction of peak FLOP/s.
+profiler, reads the host trace (the XPlane protobuf that TensorBoard's profile plugin reads too) and sums the
+duration of every executed op by its type. Prints `op_<type>_pct <share of summed op time>` for the largest types
+(summed over both cores' threads), then `op_conv_pct`, the share of convolutions (forward and both backward
+kernels): the part of a step that runs near the matmul peak. What is not convolution (GroupNorm, swish, additions,
+the optimizer) is memory-bound work that bounds the achieved fraction of peak FLOP/s.
 """
 
 import argparse

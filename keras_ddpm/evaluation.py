@@ -332,8 +332,9 @@ def evaluate(
 def _draw_samples(generator, num_images, sampler, steps, eta, seed, batch_size, verbose):
     """`num_images` samples from seeds `seed, seed + 1, ...` (classes in turn for a conditional model), and how."""
     sampler, steps, eta = sampling_defaults(generator, sampler, steps, eta)
+    labels = labels_in_turn(num_images, generator.num_classes)
     samples = generate_in_batches(generator, num_images, batch_size, seed, verbose, sampler=sampler, steps=steps,
-                                  eta=eta, labels=labels_in_turn(num_images, generator.num_classes))  # says how it samples when verbose
+                                  eta=eta, labels=labels)  # says how it samples when verbose
     made = {"source": "generated", "num_images": len(samples), "sampler": sampler, "steps": steps, "eta": eta,
             "seeds": [seed, seed + num_images - 1]}
     return samples, made
