@@ -306,7 +306,6 @@ def test_keras_datasets_fallback(tmp_path, monkeypatch, tfds_download_fails):
         data.make_dataset("fashion_mnist", data_dir=tmp_path)  # default image_size: 28
 
 
-@pytest.mark.celeba
 def test_both_resolutions_of_a_face_give_the_same_64x64_image(celeba_dir):
     if not (celeba_dir / "img_align_celeba").is_dir():
         pytest.skip(f"needs the full-size img_align_celeba/ beside img_align_celeba_half/ in {celeba_dir}")
@@ -321,7 +320,6 @@ def test_both_resolutions_of_a_face_give_the_same_64x64_image(celeba_dir):
     assert other_face_error > 5 * same_face_error
 
 
-@pytest.mark.celeba
 def test_shared_subset_holds_out_a_quarter_for_validation(celeba_dir):
     if len(list((celeba_dir / "img_align_celeba_half").glob("*.jpg"))) != 8000:
         pytest.skip(f"needs the shared 8,000-image subset (../shared/data/celeba), not the copy in {celeba_dir}")

@@ -67,7 +67,6 @@ def test_a_damaged_savedmodel_is_one_clear_error(tmp_path, damaged_file):
 
 
 @pytest.mark.slow  # 256 samples of the shipped model
-@pytest.mark.celeba
 def test_shipped_faces_score_near_the_real_vs_real_floor(celeba_dir):
     """SWD of 256 samples (the export's sampler, EDM's with 199 calls) vs held-out faces: within 2x of real vs real.
 
