@@ -147,6 +147,9 @@ class TrainConfig:
     keep_checkpoints: int = setting(3, "Checkpoints kept (only weights that train well are saved).")
     restore_checkpoint: int | None = setting(
         None, "Resume from checkpoints/ckpt-N (N = its step) instead of the newest; newer checkpoints are deleted.")
+    init_from: str | None = setting(
+        None, "Start a new run from the EMA weights of this export or run directory (same network), with a fresh "
+        "optimizer: to train a model further after its cool-down. A run that resumes from its own checkpoint ignores it.")
     # Hardware
     precision: str = setting(
         "auto", f"{AUTO_PRECISION}.", PRECISIONS)

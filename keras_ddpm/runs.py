@@ -308,17 +308,36 @@ def load_export(path, precision: str | None = None) -> tuple[DiffusionModel, dic
         model = ModelConfig.from_dict(metadata["model_config"]).build(metadata={"dataset": metadata["dataset"]})
     loaded = tf.saved_model.load(str(version_dir))
     saved = {variable.name.removesuffix(":0"): variable for variable in loaded.captured_variables}
-    weights = {weight.path: weight for weight in model.ema_network.weights}
-    misfits = sorted(set(saved) ^ set(weights)) or [path for path in weights
-                                                     if tuple(saved[path].shape) != tuple(weights[path].shape)]
+    assign_by_path(model, saved, f"{version_dir}'s variables do not match its model_config's network")
+    model.extra_metadata["training_steps"] = metadata.get("training_steps")
+    return model, metadata
+
+
+def load_model(path) -> DiffusionModel:
+    """The `DiffusionModel` of a run directory (`load_run`, its newest checkpoint) or of an export (`load_export`)."""
+    return load_run(path)[0] if (pathlib.Path(path) / "config.json").is_file() else load_export(path)[0]
+
+
+def initialise_from(model, source) -> int | None:
+    """Set `model`'s network and EMA network to the EMA weights of `source` (a run directory or an export, whose
+    network must be `model`'s) and return the steps `source` trained for."""
+    source_model = load_model(source)
+    assign_by_path(model, {weight.path: weight for weight in source_model.ema_network.weights},
+                   f"--init_from={source} holds another network than this run's (pass the model flags it was "
+                   "trained with)")
+    return source_model.extra_metadata.get("training_steps")
+
+
+def assign_by_path(model, saved: dict, mismatch: str) -> None:
+    """Assign `saved` (Keras weight path -> value) to `model`'s network and EMA network, all or nothing: any weight
+    missing on either side, or of another shape, raises a ValueError that starts with `mismatch`."""
+    shapes = {weight.path: tuple(weight.shape) for weight in model.network.weights}
+    misfits = sorted(set(saved) ^ set(shapes)) or [path for path in shapes if tuple(saved[path].shape) != shapes[path]]
     if misfits:
-        raise ValueError(f"{version_dir}'s variables do not match its model_config's network: {len(misfits)} differ "
-                         f"in name or shape, e.g. {misfits[:3]}.")
+        raise ValueError(f"{mismatch}: {len(misfits)} weights differ in name or shape, e.g. {misfits[:3]}.")
     for network in (model.network, model.ema_network):
         for weight in network.weights:
             weight.assign(saved[weight.path])
-    model.extra_metadata["training_steps"] = metadata.get("training_steps")
-    return model, metadata
 
 
 def reexport(source, export_dir, version: int = 1, sampler=None, steps=None, eta=None, max_batch_size=None,
@@ -347,6 +366,8 @@ def export_run(model, export_dir, model_config: ModelConfig, train_config: Train
     max_batch_size = train_config.export_max_batch if max_batch_size is None else max_batch_size
     metadata = {"dataset": train_config.dataset, "training_steps": training_steps,
                 "model_config": model_config.to_dict()}
+    if train_config.init_from:  # `training_steps` counts this run's steps only
+        metadata["init_from"] = train_config.init_from
     return export_savedmodel(model, export_dir, version, sampler=sampler, steps=steps, eta=eta, metadata=metadata,
                              max_batch_size=max_batch_size)
 

@@ -24,8 +24,8 @@ from keras_ddpm.config import STRATEGIES, ModelConfig, TrainConfig
 from keras_ddpm.data import load_images, make_dataset
 from keras_ddpm.errors import TrainingDiverged
 from keras_ddpm.precision import dtype_policy, resolve_precision
-from keras_ddpm.runs import (DIVERGED_LOSS, check_same_model, export_run, optimizer_step, prepare_run_directory,
-                             restore_checkpoint, trim_log, worker_directory)
+from keras_ddpm.runs import (DIVERGED_LOSS, check_same_model, checkpoint_paths, export_run, initialise_from,
+                             optimizer_step, prepare_run_directory, restore_checkpoint, trim_log, worker_directory)
 
 logger = logging.getLogger(__name__)
 
@@ -185,6 +185,11 @@ def _train_under_policy(model_config: ModelConfig, cfg: TrainConfig, output_dir,
     with strategy.scope():
         model = model_config.build(seed=cfg.seed)  # before the run directory is written: a bad config fails here
         model.compile(optimizer=make_optimizer(cfg), jit_compile=cfg.jit_compile)
+    if cfg.init_from and not checkpoint_paths(run_dir / "checkpoints"):  # a resumed run has its own weights
+        # Before the run directory is written, so that a source that does not fit fails cleanly.
+        source_steps = initialise_from(model, cfg.init_from)
+        logger.info("Starting from the EMA weights of %s (%s training steps), with a fresh optimizer.",
+                    cfg.init_from, source_steps)
     output_dir = prepare_run_directory(worker_directory(run_dir, strategy), model_config, cfg)
     with strategy.scope():
         manager, start_step = restore_checkpoint(output_dir, model, cfg.keep_checkpoints, cfg.restore_checkpoint,
