@@ -149,8 +149,8 @@ EXPORT_METADATA_KEYS = frozenset({
 
 def build_metadata(model: DiffusionModel, sampler: str, steps: int, extra: dict | None = None, eta: float = 0.0,
                    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE) -> dict:
-    """The metadata stored with an export: what the model is, how it samples, what made it, plus `extra`."""
-    height, width, channels = model.image_shape
+    """The metadata stored with an export: what the model is (as its `metadata` says), how it samples, what made it,
+    plus `extra`."""
     optimizer = getattr(model, "optimizer", None)
     metadata = {  # defaults that `extra` may override
         "dataset": None,
@@ -167,11 +167,8 @@ def build_metadata(model: DiffusionModel, sampler: str, steps: int, extra: dict 
     metadata.update(
         format=METADATA_FORMAT,
         format_version=METADATA_FORMAT_VERSION,
-        image_size=[height, width],
-        channels=channels,
-        num_classes=model.num_classes,  # 0: unconditional; else labels 0..num_classes, num_classes = null label
-        schedule=model.schedule.get_config(),
-        objective=model.objective,
+        # num_classes 0: unconditional; else labels 0..num_classes, num_classes being the null label
+        **{key: model.metadata[key] for key in ("image_size", "channels", "num_classes", "schedule", "objective")},
         sampler=sampler,
         steps=steps,
         eta=eta,
