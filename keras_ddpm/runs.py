@@ -321,6 +321,8 @@ def load_model(path) -> DiffusionModel:
 def initialise_from(model, source) -> int | None:
     """Set `model`'s network and EMA network to the EMA weights of `source` (a run directory or an export, whose
     network must be `model`'s) and return the steps `source` trained for."""
+    if not pathlib.Path(source).exists():
+        raise FileNotFoundError(f"--init_from={source}: no export or run directory there.")
     source_model = load_model(source)
     assign_by_path(model, {weight.path: weight for weight in source_model.ema_network.weights},
                    f"--init_from={source} holds another network than this run's (pass the model flags it was "

@@ -276,9 +276,12 @@ def test_a_run_resumes_from_its_own_checkpoint_not_from_init_from(tmp_path):
         np.testing.assert_array_equal(actual, expected)
 
 
-def test_init_from_a_different_network_fails_before_the_run_directory_is_written(tmp_path):
+def test_init_from_a_missing_or_different_network_fails_before_the_run_directory_is_written(tmp_path):
     export_run(TINY.build(), tmp_path / "source", TINY, TrainConfig(dataset="synthetic"), training_steps=3)
     wider = ModelConfig(**{**TINY.to_dict(), "width": 16})
     with pytest.raises(ValueError, match="holds another network than this run's"):
         train(wider, TrainConfig(train_steps=1, init_from=str(tmp_path / "source"), **FAST), tmp_path / "further")
+    assert not (tmp_path / "further").exists()
+    with pytest.raises(FileNotFoundError, match="--init_from=.*no export or run directory there"):
+        train(TINY, TrainConfig(train_steps=1, init_from=str(tmp_path / "nothing"), **FAST), tmp_path / "further")
     assert not (tmp_path / "further").exists()
