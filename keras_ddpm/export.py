@@ -151,7 +151,7 @@ def build_metadata(model: DiffusionModel, sampler: str, steps: int, extra: dict 
                    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE) -> dict:
     """The metadata stored with an export: what the model is (as its `metadata` says), how it samples, what made it,
     plus `extra`."""
-    optimizer = getattr(model, "optimizer", None)
+    description, optimizer = model.metadata, getattr(model, "optimizer", None)
     metadata = {  # defaults that `extra` may override
         "dataset": None,
         "training_steps": int(optimizer.iterations.numpy()) if optimizer is not None else None,
@@ -168,7 +168,7 @@ def build_metadata(model: DiffusionModel, sampler: str, steps: int, extra: dict 
         format=METADATA_FORMAT,
         format_version=METADATA_FORMAT_VERSION,
         # num_classes 0: unconditional; else labels 0..num_classes, num_classes being the null label
-        **{key: model.metadata[key] for key in ("image_size", "channels", "num_classes", "schedule", "objective")},
+        **{key: description[key] for key in ("image_size", "channels", "num_classes", "schedule", "objective")},
         sampler=sampler,
         steps=steps,
         eta=eta,

@@ -313,20 +313,36 @@ def load_export(path, precision: str | None = None) -> tuple[DiffusionModel, dic
     return model, metadata
 
 
-def load_model(path) -> DiffusionModel:
-    """The `DiffusionModel` of a run directory (`load_run`, its newest checkpoint) or of an export (`load_export`)."""
-    return load_run(path)[0] if (pathlib.Path(path) / "config.json").is_file() else load_export(path)[0]
+def load_run_or_export(path) -> tuple[DiffusionModel, ModelConfig]:
+    """The `DiffusionModel` and model config of a run directory (`load_run`, its newest checkpoint that loads) or
+    of an export (`load_export`)."""
+    if (pathlib.Path(path) / "config.json").is_file():
+        return load_run(path)
+    model, metadata = load_export(path)
+    return model, ModelConfig.from_dict(metadata["model_config"])
 
 
-def initialise_from(model, source) -> int | None:
-    """Set `model`'s network and EMA network to the EMA weights of `source` (a run directory or an export, whose
-    network must be `model`'s) and return the steps `source` trained for."""
+def initialise_from(model, model_config: ModelConfig, source) -> int | None:
+    """Set `model`'s network and EMA network to the EMA weights of `source` (a run directory, at its newest
+    checkpoint that loads, or an export, whose network must be `model`'s) and return the steps `source` trained for.
+
+    Settings without weights (objective, schedule, loss weighting...) may differ, to fine-tune on purpose; each
+    difference is logged as a warning.
+    """
     if not pathlib.Path(source).exists():
         raise FileNotFoundError(f"--init_from={source}: no export or run directory there.")
-    source_model = load_model(source)
+    try:
+        source_model, source_config = load_run_or_export(source)
+    except (FileNotFoundError, ValueError) as error:
+        raise ValueError(f"--init_from={source} cannot be loaded: {error}") from error
     assign_by_path(model, {weight.path: weight for weight in source_model.ema_network.weights},
-                   f"--init_from={source} holds another network than this run's (pass the model flags it was "
+                   f"--init_from={source} holds a different network from this run's (pass the model flags it was "
                    "trained with)")
+    changed = {key: (value, getattr(model_config, key)) for key, value in source_config.to_dict().items()
+               if value != getattr(model_config, key)}
+    if changed:
+        logger.warning("--init_from=%s was trained with other model settings (source vs this run): %s.", source,
+                       changed)
     return source_model.extra_metadata.get("training_steps")
 
 

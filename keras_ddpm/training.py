@@ -9,6 +9,7 @@ well (see `callbacks.Checkpoint`); a damaged or diverged newest checkpoint falls
 restores, and `restore_checkpoint` goes back to an earlier one on purpose.
 """
 
+import dataclasses
 import logging
 import math
 import os
@@ -25,7 +26,8 @@ from keras_ddpm.data import load_images, make_dataset
 from keras_ddpm.errors import TrainingDiverged
 from keras_ddpm.precision import dtype_policy, resolve_precision
 from keras_ddpm.runs import (DIVERGED_LOSS, check_same_model, checkpoint_paths, export_run, initialise_from,
-                             optimizer_step, prepare_run_directory, restore_checkpoint, trim_log, worker_directory)
+                             optimizer_step, prepare_run_directory, read_run_config, restore_checkpoint, trim_log,
+                             worker_directory)
 
 logger = logging.getLogger(__name__)
 
@@ -185,11 +187,7 @@ def _train_under_policy(model_config: ModelConfig, cfg: TrainConfig, output_dir,
     with strategy.scope():
         model = model_config.build(seed=cfg.seed)  # before the run directory is written: a bad config fails here
         model.compile(optimizer=make_optimizer(cfg), jit_compile=cfg.jit_compile)
-    if cfg.init_from and not checkpoint_paths(run_dir / "checkpoints"):  # a resumed run has its own weights
-        # Before the run directory is written, so that a source that does not fit fails cleanly.
-        source_steps = initialise_from(model, cfg.init_from)
-        logger.info("Starting from the EMA weights of %s (%s training steps), with a fresh optimizer.",
-                    cfg.init_from, source_steps)
+    cfg = start_weights(model, model_config, cfg, run_dir)
     output_dir = prepare_run_directory(worker_directory(run_dir, strategy), model_config, cfg)
     with strategy.scope():
         manager, start_step = restore_checkpoint(output_dir, model, cfg.keep_checkpoints, cfg.restore_checkpoint,
@@ -238,6 +236,26 @@ def _train_under_policy(model_config: ModelConfig, cfg: TrainConfig, output_dir,
     if not strategy.extended.should_checkpoint:  # a worker's temporary folder (see worker_directory)
         shutil.rmtree(output_dir, ignore_errors=True)
     return model
+
+
+def start_weights(model, model_config: ModelConfig, cfg: TrainConfig, run_dir: pathlib.Path) -> TrainConfig:
+    """Check --restore_checkpoint and apply --init_from before the run directory is written (so bad flags leave
+    nothing behind); returns `cfg` with the `init_from` the run's weights really came from.
+
+    A run that already has checkpoints resumes from its own weights: it keeps the `init_from` it started with.
+    """
+    own_checkpoints = checkpoint_paths(run_dir / "checkpoints", cfg.restore_checkpoint)
+    if own_checkpoints:
+        started_from = read_run_config(run_dir)[1].init_from
+        if cfg.init_from != started_from:
+            logger.warning("Resuming %s from its own checkpoints: --init_from=%s is ignored (the run started from "
+                           "%s).", run_dir, cfg.init_from, started_from)
+        return dataclasses.replace(cfg, init_from=started_from)
+    if cfg.init_from:
+        source_steps = initialise_from(model, model_config, cfg.init_from)
+        logger.info("Starting from the EMA weights of %s (%s training steps), with a fresh optimizer.",
+                    cfg.init_from, source_steps)
+    return cfg
 
 
 def divergence_message(manager, start_step: int, guard, checkpoints) -> str:

@@ -245,43 +245,54 @@ def test_a_rerun_with_other_steps_per_epoch_counts_steps_exactly(tmp_path):
 
 @pytest.mark.parametrize("source_kind", ["run", "export"])
 def test_a_run_can_start_from_the_ema_weights_of_another_run_or_export(tmp_path, source_kind):
-    """`--init_from`: at learning rate 0 the new run's weights are the source's EMA weights, not its own init."""
+    """`--init_from`: at learning rate 0 the new run's weights are the source's EMA weights, not its own init,
+    and its optimizer starts afresh."""
     source = TINY.build(seed=5)
     source.ema_network.set_weights([w + 0.01 for w in source.ema_network.get_weights()])  # not its trained weights
     if source_kind == "run":
         source.compile(optimizer=make_optimizer(TrainConfig()))
         prepare_run_directory(tmp_path / "source", TINY, TrainConfig(dataset="synthetic"))
-        restore_checkpoint(tmp_path / "source", source)[0].save(checkpoint_number=3)
+        manager, _ = restore_checkpoint(tmp_path / "source", source)
+        source.optimizer.iterations.assign(3)
+        manager.save(checkpoint_number=3)
     else:
         export_run(source, tmp_path / "source", TINY, TrainConfig(dataset="synthetic"), training_steps=3)
     config = TrainConfig(train_steps=1, steps_per_epoch=1, init_from=str(tmp_path / "source"),
                          **{**FAST, "learning_rate": 0.0, "export": source_kind == "export"})
     model = train(TINY, config, tmp_path / "further")
+    assert int(model.optimizer.iterations) == 1
     for network in (model.network, model.ema_network):
         for expected, actual in zip(source.ema_network.weights, network.weights, strict=True):
             np.testing.assert_allclose(actual.numpy(), expected.numpy(), atol=1e-7, err_msg=expected.path)
     if source_kind == "export":
-        assert read_metadata(tmp_path / "further" / "savedmodel" / "1")["init_from"] == str(tmp_path / "source")
+        metadata = read_metadata(tmp_path / "further" / "savedmodel" / "1")
+        assert (metadata["init_from"], metadata["training_steps"]) == (str(tmp_path / "source"), 1)
 
 
-def test_a_run_resumes_from_its_own_checkpoint_not_from_init_from(tmp_path):
+def test_a_run_resumes_from_its_own_checkpoint_and_keeps_the_init_from_it_started_with(tmp_path):
     config = dict(steps_per_epoch=1, **FAST)
     export_run(TINY.build(seed=5), tmp_path / "source", TINY, TrainConfig(dataset="synthetic"), training_steps=3)
     train(TINY, TrainConfig(train_steps=1, init_from=str(tmp_path / "source"), **config), tmp_path / "further")
     first = load_run(tmp_path / "further")[0].network.get_weights()
     shutil.rmtree(tmp_path / "source")  # not needed any more: the run has checkpoints of its own
-    resumed = train(TINY, TrainConfig(train_steps=1, init_from=str(tmp_path / "source"), **config),
+    resumed = train(TINY, TrainConfig(train_steps=1, init_from=str(tmp_path / "elsewhere"), **config),
                     tmp_path / "further")
     for expected, actual in zip(first, resumed.network.get_weights(), strict=True):
         np.testing.assert_array_equal(actual, expected)
+    assert read_run_config(tmp_path / "further")[1].init_from == str(tmp_path / "source")  # what its export records
 
 
-def test_init_from_a_missing_or_different_network_fails_before_the_run_directory_is_written(tmp_path):
-    export_run(TINY.build(), tmp_path / "source", TINY, TrainConfig(dataset="synthetic"), training_steps=3)
+def test_bad_init_from_or_restore_checkpoint_fails_before_the_run_directory_is_written(tmp_path):
+    export_run(TINY.build(), tmp_path / "export", TINY, TrainConfig(dataset="synthetic"), training_steps=3)
+    prepare_run_directory(tmp_path / "untrained_run", TINY, TrainConfig(dataset="synthetic"))
     wider = ModelConfig(**{**TINY.to_dict(), "width": 16})
-    with pytest.raises(ValueError, match="holds another network than this run's"):
-        train(wider, TrainConfig(train_steps=1, init_from=str(tmp_path / "source"), **FAST), tmp_path / "further")
-    assert not (tmp_path / "further").exists()
-    with pytest.raises(FileNotFoundError, match="--init_from=.*no export or run directory there"):
-        train(TINY, TrainConfig(train_steps=1, init_from=str(tmp_path / "nothing"), **FAST), tmp_path / "further")
-    assert not (tmp_path / "further").exists()
+    attempts = [
+        (wider, dict(init_from=str(tmp_path / "export")), "holds a different network from this run's"),
+        (TINY, dict(init_from=str(tmp_path / "nothing")), "--init_from=.*no export or run directory there"),
+        (TINY, dict(init_from=str(tmp_path / "untrained_run")), "--init_from=.* cannot be loaded: .*no checkpoint"),
+        (TINY, dict(init_from=str(tmp_path / "export"), restore_checkpoint=5), "No checkpoint of step 5"),
+    ]
+    for model_config, flags, message in attempts:
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            train(model_config, TrainConfig(train_steps=1, **flags, **FAST), tmp_path / "further")
+        assert not (tmp_path / "further").exists(), flags
