@@ -112,18 +112,21 @@ class GlobalClipAdam(keras.optimizers.Adam):
             return super()._distributed_tf_update_step(distribution, grads_and_vars, learning_rate)
         step = tf.cast(self.iterations + 1, tf.float32)
         beta_1, beta_2 = tf.constant(self.beta_1, tf.float32), tf.constant(self.beta_2, tf.float32)
-        scalars = dict(beta1_power=beta_1**step, beta2_power=beta_2**step, lr=tf.cast(learning_rate, tf.float32),
-                       beta1=beta_1, beta2=beta_2, epsilon=tf.constant(self.epsilon, tf.float32))
+        scalars = dict(beta1_power=beta_1**step, beta2_power=beta_2**step, beta1=beta_1, beta2=beta_2,
+                       epsilon=tf.constant(self.epsilon, tf.float32))
 
-        def fused_adam(variable, gradient):
+        def fused_adam(variable, gradient, learning_rate):
             index = self._get_variable_index(variable)
-            as_variable = {name: tf.cast(value, variable.dtype) for name, value in scalars.items()}  # float32: no op
+            as_variable = {name: tf.cast(value, variable.dtype)  # float32: no op
+                           for name, value in {**scalars, "lr": learning_rate}.items()}
             tf.raw_ops.ResourceApplyAdam(var=variable.handle, m=self._momentums[index].handle,
                                          v=self._velocities[index].handle, grad=tf.cast(gradient, variable.dtype),
                                          **as_variable)
 
+        # The learning rate goes in as an argument: with several local replicas it is a per-replica value, which
+        # `update` hands to each replica's copy of the variable (as in Keras' own `_distributed_tf_update_step`).
         for gradient, variable in grads_and_vars:
-            distribution.extended.update(variable, fused_adam, args=(gradient,), group=False)
+            distribution.extended.update(variable, fused_adam, args=(gradient, learning_rate), group=False)
 
     def _clip_gradients(self, grads):
         return grads if self.global_clipnorm else super()._clip_gradients(grads)

@@ -175,14 +175,19 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras, numpy as np
 import keras_ddpm
-from keras_ddpm.config import ModelConfig
+from keras_ddpm.config import ModelConfig, TrainConfig
+from keras_ddpm.training import make_optimizer
 
 def run(strategy):
     keras.utils.set_random_seed(0)
     with strategy.scope():
         model = ModelConfig(image_size=16, width=16, channel_multipliers=(1, 2), num_res_blocks=1,
                             attention_resolutions=(), norm_groups=8, dropout=0.0, num_timesteps=100).build()
-        model.compile(optimizer=keras.optimizers.SGD(float(sys.argv[1])))
+        if sys.argv[2] == "sgd":
+            optimizer = keras.optimizers.SGD(float(sys.argv[1]))
+        else:  # the project's fused Adam, as train() builds it
+            optimizer = make_optimizer(TrainConfig(learning_rate=float(sys.argv[1]), warmup_steps=1))
+        model.compile(optimizer=optimizer)
     start = [w.copy() for w in model.network.get_weights()]
     images = np.random.default_rng(0).uniform(-1, 1, (256, 16, 16, 3)).astype("float32")
     dataset = tf.data.Dataset.from_tensor_slices(images).batch(32)
@@ -197,22 +202,57 @@ print(json.dumps({"one": one, "two": two}))
 
 
 @pytest.mark.slow  # trains the same model twice
-def test_mirrored_strategy_matches_one_device():
+@pytest.mark.parametrize("optimizer, learning_rate", [("sgd", "0.05"), ("adam", "1e-3")])
+def test_mirrored_strategy_matches_one_device(optimizer, learning_rate):
     """Two replicas on two logical CPUs: same mean loss and same size of update as one device.
 
     The loss is random (t and noise), so it matches within a statistical tolerance; a missing 1/replicas
-    factor in the gradients would double the SGD update, far outside it.
+    factor in the gradients would double the SGD update, far outside it. The project's fused Adam once failed
+    outright with two local replicas (it read their per-replica learning rate outside a replica context).
     """
     import json
 
-    result = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT, "0.05"], cwd=REPO, env=ENV, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT, learning_rate, optimizer], cwd=REPO, env=ENV,
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     (replicas_one, loss_one, change_one), (replicas_two, loss_two, change_two) = figures["one"], figures["two"]
     assert (replicas_one, replicas_two) == (1, 2)
     assert loss_two == pytest.approx(loss_one, rel=0.1)
     assert change_two == pytest.approx(change_one, rel=0.25)
+
+
+INIT_FROM_MIRRORED_SCRIPT = """
+import sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import numpy as np
+from keras_ddpm.config import ModelConfig, TrainConfig
+from keras_ddpm.runs import export_run, load_export
+from keras_ddpm.training import train
+
+tiny = ModelConfig(image_size=16, width=8, channel_multipliers=(1,), num_res_blocks=1, attention_resolutions=(),
+                   bottleneck_attention=False, norm_groups=4, num_timesteps=50, dropout=0.0)
+export_run(tiny.build(seed=5), sys.argv[1] + "/source", tiny, TrainConfig(dataset="synthetic"), training_steps=3)
+model = train(tiny, TrainConfig(dataset="synthetic", strategy="mirrored", init_from=sys.argv[1] + "/source",
+                                learning_rate=0.0, batch_size=8, train_steps=1, steps_per_epoch=1, num_samples=4,
+                                sample_steps=2, export=False, verbose=0), sys.argv[1] + "/run")
+assert model.distribute_strategy.num_replicas_in_sync == 2
+source = load_export(sys.argv[1] + "/source")[0]
+for network in (model.network, model.ema_network):
+    for expected, actual in zip(source.ema_network.weights, network.weights, strict=True):
+        np.testing.assert_allclose(actual.numpy(), expected.numpy(), atol=1e-7, err_msg=expected.path)
+print("init_from under MirroredStrategy: ok")
+"""
+
+
+def test_init_from_sets_the_weights_of_every_replica(tmp_path):
+    """`--init_from` assigns the source's weights outside the strategy scope; each replica must get them."""
+    result = subprocess.run([sys.executable, "-c", INIT_FROM_MIRRORED_SCRIPT, str(tmp_path)], cwd=REPO, env=ENV,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "init_from under MirroredStrategy: ok" in result.stdout
 
 
 @pytest.mark.parametrize(
