@@ -70,10 +70,10 @@ def test_a_damaged_savedmodel_is_one_clear_error(tmp_path, damaged_file):
 def test_shipped_faces_score_near_the_real_vs_real_floor(celeba_dir):
     """SWD of 256 samples (the export's sampler, EDM's with 199 calls) vs held-out faces: within 2x of real vs real.
 
-    Measured with DPM-Solver++-20, the export's sampler when the model shipped: 0.82x (19.65 vs a floor of 23.86; 256
-    images are within the floor's noise); the two models before it scored 0.93x (min-SNR, 7,500 steps) and 1.03x
-    (unweighted v). The epsilon-predicting model shipped before both scored 4.4x with this sampler and 2.8x with
-    DDIM-50 at eta 1, so a sampler or recipe that regresses that far fails here.
+    Measured with DPM-Solver++-20 on the 10,500-step network (REPORT.md 6.13), then the export's sampler: 0.82x
+    (19.65 vs a floor of 23.86; 256 images are within the floor's noise); the two models before it scored 0.93x
+    (min-SNR, 7,500 steps) and 1.03x (unweighted v). The epsilon-predicting model shipped before both scored 4.4x
+    with this sampler and 2.8x with DDIM-50 at eta 1, so a sampler or recipe that regresses that far fails here.
     """
     held_out = load_images("celeba", "validation", 32, 256, data_dir=celeba_dir)
     train = load_images("celeba", "train", 32, 256, data_dir=celeba_dir)
