@@ -398,6 +398,8 @@ def sampling_precision(path, precision: str | None = None) -> tuple[str, str]:
     `dtype_policy`), the one its seeds' images are defined by; it accepts only that policy, or `"auto"`.
     """
     path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No model at {path}: pass a SavedModel folder (e.g. savedmodel) or a run directory.")
     if (path / "config.json").is_file():
         return resolve_precision(precision) if precision else ("float32", "the default for run directories")
     exported = read_metadata(find_version_dir(path)).get("dtype_policy", "float32")
@@ -411,8 +413,6 @@ def load_generator(path, step: int | None = None, precision: str | None = None) 
     """A `Generator` from a run directory (its `DiffusionModel`, at `ckpt-<step>` if given) or an export folder
     (a `SavedModelGenerator`), sampling under the dtype policy `sampling_precision(path, precision)` picks."""
     path = pathlib.Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"No model at {path}: pass a SavedModel folder (e.g. savedmodel) or a run directory.")
     policy, _ = sampling_precision(path, precision)  # an export refuses any policy but its own
     if (path / "config.json").is_file():
         model, _ = load_run(path, step, policy)

@@ -32,10 +32,13 @@ def pytest_collection_modifyitems(items):
 
 
 @pytest.fixture(autouse=True)
-def _float32_policy():
-    """Every test starts and ends under float32, whatever policy it set."""
+def _float32_and_seed_0():
+    """Every test starts under float32 with Python's, NumPy's and TensorFlow's global generators seeded by 0, so
+    its random draws do not depend on which tests ran before it in its worker (pytest-xdist deals tests out in no
+    fixed order); it ends under float32, whatever policy it set."""
     import keras
 
+    keras.utils.set_random_seed(0)
     keras.mixed_precision.set_dtype_policy("float32")
     yield
     keras.mixed_precision.set_dtype_policy("float32")
