@@ -51,7 +51,7 @@ def main(argv):
             files.check_output_file(FLAGS.save_npz)
         if FLAGS.image_dir and pathlib.Path(FLAGS.image_dir).is_file():
             raise NotADirectoryError(f"--image_dir={FLAGS.image_dir} is a file; give a folder.")
-        precision, reason = sampling_precision(FLAGS.model, FLAGS.precision)  # a wrong --precision fails at once
+        precision, reason = sampling_precision(FLAGS.model, FLAGS.precision)
         generator = load_generator(FLAGS.model, FLAGS.checkpoint_step, precision)
         print(f"Model {FLAGS.model}:\n{describe(generator)}")
         print(f"  precision: {precision} ({reason})")

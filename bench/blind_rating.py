@@ -5,12 +5,14 @@
     # give each rater (a new helper session that sees nothing else) /tmp/blind/rater<N>_prompt.txt
     python bench/blind_rating.py merge --out_dir=/tmp/blind --what="Raters 116-118 (REPORT.md 6.21) rated ..."
 
-`prepare` copies the grids into one folder per rater, `<out_dir>/rater<N>/grid_<letter>.png`, shuffled anew for
-each rater (seeded by the rater's number, so a round can be rebuilt), and writes the key, which no rater sees, to
-`<out_dir>/keys.json`. Each rater's prompt (`bench/blind_rater_prompt.txt` with its folder filled in) describes
-what counts as clearly broken and asks for `<out_dir>/ratings/rater<N>.json`. `merge` checks every rating against
-the key (each grid rated once; as many positions as clearly broken faces, all inside the 8x8 grid) and adds it to
-the counts file under the grid's real name, refusing a rater that is already there. It prints `key value` lines:
+`prepare` copies the grids into one folder per rater, `<out_dir>/rater<N>/grid_<letter>.png`, in an order shuffled
+anew for each rater (seeded by the rater's number, so a round can be rebuilt), and writes the key to
+`<out_dir>/keys.json`, outside every rater's folder. It refuses rater numbers that the counts file already holds.
+Each rater's prompt (`bench/blind_rater_prompt.txt` with its folder filled in) describes what counts as clearly
+broken and asks for `<out_dir>/rater<N>/rating.json`. `merge` checks every rating against the key (each grid rated
+once; as many positions as clearly broken faces, all inside the 8x8 grid) and adds it to the counts file under the
+grid's real name. A rating already merged as it is gets skipped, so `merge` can run again when a late rater
+finishes; any other rater number already in the counts file is refused. It prints `key value` lines:
 `<grid>_rater<N>` (clearly broken faces) and `<grid>_mean` over the raters merged.
 """
 
@@ -27,20 +29,17 @@ import common  # noqa: F401  (puts the repository on sys.path)
 from keras_ddpm import files
 
 PROMPT = pathlib.Path(__file__).with_name("blind_rater_prompt.txt")
+COUNTS = common.REPO / "docs" / "blind_counts.json"
 GRID_SIDE = 8  # the grids are 8x8 tiles: `python sample.py`'s 64 images
-FIELDS = {"clearly_broken": int, "borderline": int, "broken_positions": list, "note": str}
+COUNT_FIELDS = ("clearly_broken", "borderline")
 
 
 def parse_raters(text: str) -> list[int]:
     """'116-118' -> [116, 117, 118]; '116' -> [116]."""
-    first, _, last = text.partition("-")
-    try:
-        numbers = list(range(int(first), int(last or first) + 1))
-    except ValueError:
-        numbers = []
-    if not numbers:
+    first, dash, last = text.partition("-")
+    if not first.isdigit() or (dash and not last.isdigit()) or int(last or first) < int(first):
         raise ValueError(f"--raters takes a number or a range like 116-118, got {text!r}.")
-    return numbers
+    return list(range(int(first), int(last or first) + 1))
 
 
 def parse_grids(specs: list[str]) -> dict[str, pathlib.Path]:
@@ -61,47 +60,128 @@ def parse_grids(specs: list[str]) -> dict[str, pathlib.Path]:
     return grids
 
 
+def read_counts(path: pathlib.Path) -> dict:
+    """The counts file: {"what": description, "counts": {grid name: {"rater<N>": entry}}}."""
+    document = files.read_json(path)
+    if not isinstance(document.get("what"), str) or not isinstance(document.get("counts"), dict):
+        raise ValueError(f"{path} is not a counts file: it needs 'what' (text) and 'counts' (grid -> rater -> count).")
+    return document
+
+
+def raters_in(document: dict) -> set[str]:
+    return {rater for ratings in document["counts"].values() for rater in ratings}
+
+
 def blind_names(names: list[str], rater: int) -> dict[str, str]:
-    """{'grid_<letter>.png': name}: the grids under random letters, the same for the same rater number."""
+    """{'grid_<letter>.png': name} in letter order: the grids in an order shuffled by the rater's number."""
     letters = random.Random(rater).sample(string.ascii_uppercase, len(names))
     return {f"grid_{letter}.png": name for letter, name in sorted(zip(letters, names))}
 
 
-def prepare(out_dir: pathlib.Path, raters: list[int], grids: dict[str, pathlib.Path]) -> None:
+def prepare(out_dir: pathlib.Path, raters: list[int], grids: dict[str, pathlib.Path], counts_path=COUNTS) -> None:
+    """One folder of renamed grids and one prompt per rater; the key in `out_dir`/keys.json."""
     keys_path = out_dir / "keys.json"
     keys = files.read_json(keys_path) if keys_path.is_file() else {}
-    taken = [f"rater{rater}" for rater in raters if f"rater{rater}" in keys or (out_dir / f"rater{rater}").exists()]
-    if taken:
-        raise FileExistsError(f"{', '.join(taken)} already prepared in {out_dir}; choose new rater numbers.")
+    taken = raters_in(read_counts(counts_path)) | set(keys)
+    taken |= {f"rater{rater}" for rater in raters if (out_dir / f"rater{rater}").exists()}
+    reused = [f"rater{rater}" for rater in raters if f"rater{rater}" in taken]
+    if reused:
+        raise FileExistsError(f"{', '.join(reused)} already rated (in {counts_path}) or prepared (in {out_dir}); "
+                              f"choose rater numbers above {max(int(name[5:]) for name in taken)}.")
     template = PROMPT.read_text()
-    (out_dir / "ratings").mkdir(parents=True, exist_ok=True)
     for rater in raters:
-        key = blind_names(list(grids), rater)
+        keys[f"rater{rater}"] = blind_names(list(grids), rater)
+    files.write_json(keys_path, keys)  # first: whatever is copied below can be merged
+    for rater in raters:
         folder = out_dir / f"rater{rater}"
         folder.mkdir()
+        key = keys[f"rater{rater}"]
         for blind_name, name in key.items():
             shutil.copyfile(grids[name], folder / blind_name)
         prompt = template.format(folder=folder.resolve(), count=len(key), grid_files=", ".join(key),
-                                 output=(out_dir / "ratings" / f"rater{rater}.json").resolve())
+                                 output=(folder / "rating.json").resolve())
         files.write_text(out_dir / f"rater{rater}_prompt.txt", prompt)
-        keys[f"rater{rater}"] = key
         print(f"rater{rater}_prompt {out_dir / f'rater{rater}_prompt.txt'}")
-    files.write_json(keys_path, keys)
 
 
-def check_rating(rating: dict, key: dict[str, str], source: pathlib.Path) -> None:
-    """Raise ValueError unless `rating` rates exactly the grids of `key`, each with well-formed fields."""
-    if set(rating) != set(key):
-        raise ValueError(f"{source} rates {sorted(rating)}; the rater was given {sorted(key)}.")
-    for grid_file, entry in rating.items():
-        for field, kind in FIELDS.items():
-            if not isinstance(entry.get(field), kind):
-                raise ValueError(f"{source}: {grid_file} needs {field!r} as {kind.__name__}, got {entry.get(field)!r}.")
-        positions = entry["broken_positions"]
-        inside = all(isinstance(p, list) and len(p) == 2 and all(1 <= v <= GRID_SIDE for v in p) for p in positions)
-        if not inside or len(positions) != entry["clearly_broken"]:
-            raise ValueError(f"{source}: {grid_file} needs one [row, column] (1-{GRID_SIDE}) per clearly broken "
-                             f"face: {entry['clearly_broken']} broken, positions {positions}.")
+def is_count(value) -> bool:
+    return type(value) is int and value >= 0  # `type`, not isinstance: JSON's true is not a count
+
+
+def read_rating(source: pathlib.Path, key: dict[str, str]) -> dict:
+    """A rater's rating file, checked: exactly the grids of `key`, each rated once with well-formed fields."""
+
+    def refuse_duplicates(pairs):
+        names = [name for name, _ in pairs]
+        if len(set(names)) < len(names):
+            raise ValueError(f"{source} rates a grid twice: {sorted(names)}.")
+        return dict(pairs)
+
+    try:
+        rating = json.loads(source.read_text(), object_pairs_hook=refuse_duplicates)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{source} is not valid JSON: {error}.") from None
+    if not isinstance(rating, dict) or set(rating) != set(key):
+        raise ValueError(f"{source} must rate exactly the grids the rater was given: {sorted(key)}.")
+    return {grid_file: check_entry(entry, f"{source}: {grid_file}") for grid_file, entry in rating.items()}
+
+
+def check_entry(entry, where: str) -> dict:
+    """One grid's rating with only the fields the counts file keeps, or ValueError saying what is wrong."""
+    if not isinstance(entry, dict) or not all(is_count(entry.get(field)) for field in COUNT_FIELDS):
+        raise ValueError(f"{where} needs whole numbers 'clearly_broken' and 'borderline', got {entry!r}.")
+    if not isinstance(entry.get("note"), str):
+        raise ValueError(f"{where} needs a one-sentence 'note'.")
+    positions = entry.get("broken_positions")
+    inside = isinstance(positions, list) and all(
+        isinstance(p, list) and len(p) == 2 and all(is_count(v) and 1 <= v <= GRID_SIDE for v in p) for p in positions)
+    if not inside or len(positions) != entry["clearly_broken"] or len({tuple(p) for p in positions}) < len(positions):
+        raise ValueError(f"{where} needs one distinct [row, column] (1-{GRID_SIDE}) per clearly broken face: "
+                         f"{entry['clearly_broken']} broken, positions {positions}.")
+    return {"clearly_broken": entry["clearly_broken"], "borderline": entry["borderline"],
+            "broken_positions": positions, "note": entry["note"]}
+
+
+def new_ratings(out_dir: pathlib.Path, document: dict) -> dict[str, dict[str, dict]]:
+    """{grid name: {rater: entry}} of the ratings in `out_dir` not yet in the counts `document`."""
+    keys = files.read_json(out_dir / "keys.json")
+    merged = raters_in(document)
+    found = {}
+    for rater in sorted(keys, key=lambda name: int(name[5:])):
+        source = out_dir / rater / "rating.json"
+        if not source.is_file():
+            continue
+        entries = {keys[rater][grid_file]: {"grid_file": grid_file, **entry}
+                   for grid_file, entry in read_rating(source, keys[rater]).items()}
+        if rater in merged:
+            if all(document["counts"].get(name, {}).get(rater) == entry for name, entry in entries.items()):
+                continue  # merged before, as it is
+            raise ValueError(f"The counts file already holds other counts by {rater}; give new raters new numbers.")
+        for name, entry in entries.items():
+            found.setdefault(name, {})[rater] = entry
+    return found
+
+
+def merge(out_dir: pathlib.Path, counts_path=COUNTS, what: str | None = None) -> None:
+    """Add the new ratings in `out_dir` to the counts file; `what` (who rated which grids) extends its description
+    and is required when a grid is new to the file."""
+    document = read_counts(counts_path)
+    found = new_ratings(out_dir, document)
+    if not found:
+        print("new_ratings 0")
+        return
+    new_grids = sorted(set(found) - set(document["counts"]))
+    if new_grids and not what:
+        raise ValueError(f"New grids {new_grids}: say what they are with --what (model, sampler, seeds, section).")
+    for name, ratings in found.items():
+        document["counts"].setdefault(name, {}).update(ratings)
+    if what:
+        document["what"] = f"{document['what']} {what}"
+    files.write_text(counts_path, counts_json(document) + "\n")
+    for name, ratings in sorted(found.items()):
+        for rater, entry in ratings.items():
+            print(f"{name}_{rater} {entry['clearly_broken']}")
+        print(f"{name}_mean {sum(e['clearly_broken'] for e in ratings.values()) / len(ratings):.2f}")
 
 
 def counts_json(value, depth: int = 0) -> str:
@@ -114,53 +194,24 @@ def counts_json(value, depth: int = 0) -> str:
     return json.dumps(value)
 
 
-def merge(out_dir: pathlib.Path, counts_path: pathlib.Path, what: str | None = None) -> None:
-    """Add the ratings in `out_dir`/ratings to the counts file; `what` (who rated which grids) extends its
-    description."""
-    keys = files.read_json(out_dir / "keys.json")
-    document = files.read_json(counts_path)
-    merged = {}
-    for source in sorted((out_dir / "ratings").glob("rater*.json")):
-        rater = source.stem
-        if rater not in keys:
-            raise ValueError(f"{source}: {rater} is not in {out_dir / 'keys.json'}.")
-        rating = json.loads(source.read_text())
-        check_rating(rating, keys[rater], source)
-        for grid_file, entry in rating.items():
-            name = keys[rater][grid_file]
-            if rater in document["counts"].get(name, {}):
-                raise ValueError(f"{counts_path} already holds {rater}'s count of {name}; give new raters new "
-                                 "numbers.")
-            merged.setdefault(name, {})[rater] = {"grid_file": grid_file, **entry}
-    if not merged:
-        raise FileNotFoundError(f"No ratings in {out_dir / 'ratings'}: each rater writes rater<N>.json there.")
-    for name, ratings in merged.items():
-        document["counts"].setdefault(name, {}).update(ratings)
-    if what:
-        document["what"] = f"{document['what']} {what}"
-    files.write_text(counts_path, counts_json(document) + "\n")
-    for name, ratings in sorted(merged.items()):
-        for rater, entry in ratings.items():
-            print(f"{name}_{rater} {entry['clearly_broken']}")
-        print(f"{name}_mean {sum(e['clearly_broken'] for e in ratings.values()) / len(ratings):.2f}")
-
-
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    counts = argparse.ArgumentParser(add_help=False)
+    counts.add_argument("--counts", type=pathlib.Path, default=COUNTS, help="the counts file")
     commands = parser.add_subparsers(dest="command", required=True)
-    prepare_parser = commands.add_parser("prepare", help="one folder of renamed grids and one prompt per rater")
+    prepare_parser = commands.add_parser("prepare", parents=[counts],
+                                         help="one folder of renamed grids and one prompt per rater")
     prepare_parser.add_argument("--out_dir", type=pathlib.Path, required=True, help="outside the repository")
-    prepare_parser.add_argument("--raters", required=True, help="rater numbers: 116 or 116-118")
+    prepare_parser.add_argument("--raters", required=True, help="new rater numbers: 116 or 116-118")
     prepare_parser.add_argument("grids", nargs="+", help="name=grid.png: the name the counts are kept under")
-    merge_parser = commands.add_parser("merge", help="add the raters' counts to the counts file")
+    merge_parser = commands.add_parser("merge", parents=[counts], help="add the raters' counts to the counts file")
     merge_parser.add_argument("--out_dir", type=pathlib.Path, required=True, help="the folder `prepare` wrote")
-    merge_parser.add_argument("--counts", type=pathlib.Path, default=common.REPO / "docs" / "blind_counts.json")
     merge_parser.add_argument("--what", help="appended to the counts file's description: which raters rated which "
                               "grids (model, sampler, seeds), with the REPORT.md section")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     try:
         if args.command == "prepare":
-            prepare(args.out_dir, parse_raters(args.raters), parse_grids(args.grids))
+            prepare(args.out_dir, parse_raters(args.raters), parse_grids(args.grids), args.counts)
         else:
             merge(args.out_dir, args.counts, args.what)
     except (ValueError, OSError) as error:

@@ -396,6 +396,7 @@ def sampling_precision(path, precision: str | None = None) -> tuple[str, str]:
     A run directory computes in float32 unless asked otherwise (`"auto"` picks per device, see
     `resolve_precision`). An exported model computes in the policy it was exported with (its metadata's
     `dtype_policy`), the one its seeds' images are defined by; it accepts only that policy, or `"auto"`.
+    FileNotFoundError if there is nothing at `path`.
     """
     path = pathlib.Path(path)
     if not path.exists():

@@ -34,8 +34,8 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(autouse=True)
 def _float32_and_seed_0():
     """Every test starts under float32 with Python's, NumPy's and TensorFlow's global generators seeded by 0, so
-    its random draws do not depend on which tests ran before it in its worker (pytest-xdist deals tests out in no
-    fixed order); it ends under float32, whatever policy it set."""
+    its random draws do not depend on which tests ran before it in its worker (pytest-xdist deals test files out
+    to workers in no fixed order, and `-k` leaves tests out); it ends under float32, whatever policy it set."""
     import keras
 
     keras.utils.set_random_seed(0)

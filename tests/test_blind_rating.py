@@ -2,7 +2,6 @@
 under the grids' real names, checked against the key."""
 
 import json
-import subprocess
 import sys
 
 import pytest
@@ -12,73 +11,102 @@ from conftest import REPO
 sys.path.insert(0, str(REPO / "bench"))
 import blind_rating  # noqa: E402
 
-SCRIPT = REPO / "bench" / "blind_rating.py"
+NAMES = ("edm_s0", "ode_s0", "real_0_63", "ddpm_s0", "dpmpp_s0")
 
 
 @pytest.fixture
 def grids(tmp_path):
-    """Three distinct small 'grids' (the tool copies files; it never decodes them)."""
-    paths = {}
-    for name in ("edm_s0", "ode_s0", "real_0_63"):
-        paths[name] = tmp_path / "grids" / f"{name}.png"
-        paths[name].parent.mkdir(exist_ok=True)
-        paths[name].write_bytes(f"PNG of {name}".encode())
+    """Five distinct small 'grids' (the tool copies files; it never decodes them)."""
+    folder = tmp_path / "grids"
+    folder.mkdir()
+    paths = {name: folder / f"{name}.png" for name in NAMES}
+    for name, path in paths.items():
+        path.write_bytes(f"PNG of {name}".encode())
     return paths
 
 
-def run(*args):
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True)
+@pytest.fixture
+def counts(tmp_path):
+    """A counts file that already holds rater1's count of edm_s0."""
+    path = tmp_path / "counts.json"
+    path.write_text(json.dumps({"what": "Counts.", "counts": {"edm_s0": {"rater1": {"clearly_broken": 5}}}}))
+    return path
 
 
-def rate(out_dir, rater, broken):
-    """A rating of every grid the rater was given: `broken` faces (at row 1) in each."""
+def cli(*args):
+    """bench/blind_rating.py's command line, in this process: its exit message, or None on success."""
+    try:
+        blind_rating.main([str(arg) for arg in args])
+    except SystemExit as exit:
+        assert exit.code not in (0, None)
+        return str(exit.code)
+    return None
+
+
+def rate(out_dir, rater, broken, **changes):
+    """Write rater<N>/rating.json: every grid it was given with `broken` faces (at row 1), then `changes`."""
     key = json.loads((out_dir / "keys.json").read_text())[f"rater{rater}"]
     rating = {grid_file: {"clearly_broken": broken, "borderline": 1, "note": "fine",
                           "broken_positions": [[1, column + 1] for column in range(broken)]} for grid_file in key}
-    (out_dir / "ratings" / f"rater{rater}.json").write_text(json.dumps(rating))
+    for field, value in changes.items():
+        rating[next(iter(key))][field] = value
+    (out_dir / f"rater{rater}" / "rating.json").write_text(json.dumps(rating))
     return key
 
 
-def test_each_rater_sees_every_grid_under_a_new_name_and_nothing_that_names_it(tmp_path, grids):
+def test_each_rater_sees_every_grid_in_its_own_order_and_nothing_that_names_it(tmp_path, grids, counts):
     out_dir = tmp_path / "blind"
-    specs = [f"{name}={path}" for name, path in grids.items()]
-    assert run("prepare", f"--out_dir={out_dir}", "--raters=7-9", *specs).returncode == 0
+    assert cli("prepare", f"--counts={counts}", f"--out_dir={out_dir}", "--raters=7-9",
+               *[f"{name}={path}" for name, path in grids.items()]) is None
     keys = json.loads((out_dir / "keys.json").read_text())
     assert sorted(keys) == ["rater7", "rater8", "rater9"]
     for rater, key in keys.items():
-        assert sorted(key.values()) == sorted(grids)
-        shown = sorted(path.name for path in (out_dir / rater).iterdir())
-        assert shown == sorted(key) and all(name.startswith("grid_") for name in shown)
+        assert sorted(path.name for path in (out_dir / rater).iterdir()) == sorted(key)
         for grid_file, name in key.items():
-            assert (out_dir / rater / grid_file).read_bytes() == grids[name].read_bytes()
+            assert grid_file.startswith("grid_") and (out_dir / rater / grid_file).read_bytes() == grids[name].read_bytes()
         prompt = (out_dir / f"{rater}_prompt.txt").read_text()
-        assert str((out_dir / rater).resolve()) in prompt and f"ratings/{rater}.json" in prompt
+        assert str((out_dir / rater / "rating.json").resolve()) in prompt and "{" in prompt and "{{" not in prompt
         assert not any(name in prompt for name in grids)
-    assert len({tuple(sorted(key.items())) for key in keys.values()}) > 1  # shuffled anew for each rater
+    orders = {tuple(key[grid_file] for grid_file in sorted(key)) for key in keys.values()}
+    assert len(orders) == 3  # the grids' order differs between raters
     assert blind_rating.blind_names(list(grids), 8) == keys["rater8"]  # rebuilt from the rater's number
 
 
-def test_merge_files_counts_under_real_names_and_refuses_the_same_rater_twice(tmp_path, grids):
+def test_merge_files_counts_under_real_names_and_skips_what_it_merged_before(tmp_path, grids, counts):
     out_dir = tmp_path / "blind"
-    blind_rating.prepare(out_dir, [3, 4], grids)
+    blind_rating.prepare(out_dir, [3, 4], grids, counts)
     key = rate(out_dir, 3, broken=2)
-    rate(out_dir, 4, broken=4)
-    counts = tmp_path / "counts.json"
-    counts.write_text(json.dumps({"what": "Counts.", "counts": {"edm_s0": {"rater1": {"clearly_broken": 5}}}}))
-    result = run("merge", f"--out_dir={out_dir}", f"--counts={counts}", "--what=Raters 3-4 rated three grids.")
-    assert result.returncode == 0, result.stderr
-    assert "edm_s0_rater3 2" in result.stdout and "edm_s0_mean 3.00" in result.stdout
+    assert cli("merge", f"--counts={counts}", f"--out_dir={out_dir}") is not None  # new grids need --what
+    assert cli("merge", f"--counts={counts}", f"--out_dir={out_dir}", "--what=Raters 3-4 rated five grids.") is None
     document = json.loads(counts.read_text())
-    assert document["what"] == "Counts. Raters 3-4 rated three grids."
+    assert document["what"] == "Counts. Raters 3-4 rated five grids."
     assert document["counts"]["edm_s0"]["rater1"] == {"clearly_broken": 5}
     blind_file = next(grid_file for grid_file, name in key.items() if name == "ode_s0")
-    assert document["counts"]["ode_s0"]["rater3"]["grid_file"] == blind_file
-    assert document["counts"]["ode_s0"]["rater4"]["broken_positions"] == [[1, 1], [1, 2], [1, 3], [1, 4]]
+    assert document["counts"]["ode_s0"]["rater3"] == {"grid_file": blind_file, "clearly_broken": 2, "borderline": 1,
+                                                      "broken_positions": [[1, 1], [1, 2]], "note": "fine"}
     assert '"broken_positions": [[1, 1], [1, 2]]' in counts.read_text()  # one line, as the file keeps them
+    rate(out_dir, 4, broken=4)  # a late rater: rater 3 is skipped, rater 4 added
+    blind_rating.merge(out_dir, counts)
+    document = json.loads(counts.read_text())
+    assert document["counts"]["ode_s0"]["rater4"]["clearly_broken"] == 4
+    assert document["counts"]["ode_s0"]["rater3"]["clearly_broken"] == 2
+
+
+def test_rater_numbers_already_used_are_refused(tmp_path, grids, counts):
+    with pytest.raises(FileExistsError, match="rater1 already rated"):
+        blind_rating.prepare(tmp_path / "blind", [1, 2], grids, counts)
+    assert not (tmp_path / "blind" / "rater2").exists()
+    out_dir = tmp_path / "other"
+    blind_rating.prepare(out_dir, [2], grids, counts)
+    with pytest.raises(FileExistsError, match="rater2 already rated"):
+        blind_rating.prepare(out_dir, [2], grids, counts)
+    rate(out_dir, 2, broken=1)
+    blind_rating.merge(out_dir, counts, what="Rater 2.")
+    rate(out_dir, 2, broken=3)  # the same number with other counts: not the same rater
     before = counts.read_text()
-    again = run("merge", f"--out_dir={out_dir}", f"--counts={counts}")
-    assert again.returncode != 0 and "already holds rater3" in again.stderr
-    assert counts.read_text() == before  # nothing half-written
+    with pytest.raises(ValueError, match="already holds other counts by rater2"):
+        blind_rating.merge(out_dir, counts)
+    assert counts.read_text() == before
 
 
 def test_counts_json_writes_the_shipped_counts_file_back_unchanged():
@@ -86,33 +114,45 @@ def test_counts_json_writes_the_shipped_counts_file_back_unchanged():
     assert blind_rating.counts_json(json.loads(text)) + "\n" == text
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda rating, grid: rating.pop(grid), "the rater was given"),
-    (lambda rating, grid: rating[grid].update(clearly_broken=3), "one \\[row, column\\]"),
-    (lambda rating, grid: rating[grid].update(broken_positions=[[9, 1], [1, 1]]), "one \\[row, column\\]"),
-    (lambda rating, grid: rating[grid].update(borderline="two"), "'borderline' as int"),
+@pytest.mark.parametrize("changes, message", [
+    (dict(clearly_broken=3), "one distinct \\[row, column\\]"),
+    (dict(broken_positions=[[9, 1], [1, 1]]), "one distinct \\[row, column\\]"),
+    (dict(broken_positions=[[1, 1], [1, 1]]), "one distinct \\[row, column\\]"),
+    (dict(broken_positions=[["1", "2"], [1, 1]]), "one distinct \\[row, column\\]"),
+    (dict(borderline="two"), "whole numbers"),
+    (dict(clearly_broken=True, broken_positions=[[1, 1]]), "whole numbers"),
+    (dict(note=None), "'note'"),
 ])
-def test_merge_refuses_a_malformed_rating(tmp_path, grids, change, message):
+def test_merge_refuses_a_malformed_rating(tmp_path, grids, counts, changes, message):
     out_dir = tmp_path / "blind"
-    blind_rating.prepare(out_dir, [5], grids)
-    key = rate(out_dir, 5, broken=2)
-    path = out_dir / "ratings" / "rater5.json"
-    rating = json.loads(path.read_text())
-    change(rating, next(iter(key)))
-    path.write_text(json.dumps(rating))
-    counts = tmp_path / "counts.json"
-    counts.write_text(json.dumps({"what": "", "counts": {}}))
+    blind_rating.prepare(out_dir, [5], grids, counts)
+    rate(out_dir, 5, broken=2, **changes)
     with pytest.raises(ValueError, match=message):
-        blind_rating.merge(out_dir, counts)
+        blind_rating.merge(out_dir, counts, what="Rater 5.")
 
 
-def test_prepare_refuses_bad_input_with_a_message(tmp_path, grids):
+def test_merge_refuses_a_rating_of_other_grids_or_one_grid_twice(tmp_path, grids, counts):
     out_dir = tmp_path / "blind"
-    missing = run("prepare", f"--out_dir={out_dir}", "--raters=1", f"a={tmp_path / 'none.png'}")
-    assert missing.returncode != 0 and "No grid at" in missing.stderr and not out_dir.exists()
-    bad_range = run("prepare", f"--out_dir={out_dir}", "--raters=x", f"a={grids['edm_s0']}")
-    assert bad_range.returncode != 0 and "--raters takes" in bad_range.stderr
-    blind_rating.prepare(out_dir, [1], grids)
-    with pytest.raises(FileExistsError, match="rater1 already prepared"):
-        blind_rating.prepare(out_dir, [1, 2], grids)
-    assert not (out_dir / "rater2").exists()
+    blind_rating.prepare(out_dir, [5], grids, counts)
+    key = rate(out_dir, 5, broken=0)
+    path = out_dir / "rater5" / "rating.json"
+    text = path.read_text()
+    first = next(iter(key))
+    path.write_text(text.replace(first, "grid_none.png"))
+    with pytest.raises(ValueError, match="must rate exactly the grids"):
+        blind_rating.merge(out_dir, counts, what="Rater 5.")
+    entry = json.dumps(json.loads(text)[first])
+    path.write_text(text[:-1] + f', "{first}": {entry}}}')
+    with pytest.raises(ValueError, match="rates a grid twice"):
+        blind_rating.merge(out_dir, counts, what="Rater 5.")
+    path.write_text(text[:-1])
+    with pytest.raises(ValueError, match="not valid JSON"):
+        blind_rating.merge(out_dir, counts, what="Rater 5.")
+
+
+def test_prepare_refuses_bad_input_with_a_message(tmp_path, grids, counts):
+    out_dir = tmp_path / "blind"
+    message = cli("prepare", f"--counts={counts}", f"--out_dir={out_dir}", "--raters=2", f"a={tmp_path / 'none.png'}")
+    assert "No grid at" in message and not out_dir.exists()
+    for raters in ("x", "5-", "5-3"):
+        assert "--raters takes" in cli("prepare", f"--out_dir={out_dir}", f"--raters={raters}", f"a={grids['edm_s0']}")
