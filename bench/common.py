@@ -75,13 +75,13 @@ def held_out_faces(size: int, num_images: int, data_dir=None):
 
 
 def score_samples(samples, held_out, held_out_embedding) -> dict:
-    """SWD (x1e3, `swd_mean`) and the face metric (`face_rate`, `face_fd`, `face_landmark_fd`) of `samples`
-    against held-out faces; scored on as many training faces, it is the real-vs-real floor."""
+    """SWD (x1e3, each pyramid level's `swd_<height>` and their `swd_mean`) and the face metric (`face_rate`,
+    `face_fd`, `face_landmark_fd`) of `samples` against held-out faces; scored on as many training faces, it is the
+    real-vs-real floor."""
     from keras_ddpm import metrics
     from keras_ddpm.metrics import face
 
-    return {"swd_mean": metrics.sliced_wasserstein_distance(samples, held_out)["swd_mean"],
-            **face.score_faces(samples, held_out_embedding)}
+    return {**metrics.sliced_wasserstein_distance(samples, held_out), **face.score_faces(samples, held_out_embedding)}
 
 
 def floor_scores(held_out, held_out_embedding, data_dir=None) -> dict:

@@ -38,7 +38,9 @@ def test_parse_reads_a_configuration_and_refuses_nonsense():
     assert Churn.parse("40:16:0.05:2").network_calls == 79
     assert Churn.parse("100:40").gamma == pytest.approx(0.4)
     assert Churn.parse("20:100").gamma == pytest.approx(np.sqrt(2) - 1)  # EDM's cap
-    for bad in ("20", "20:8:1", "1:8", "20:-1", "20:8:10:1", "a:b"):
+    assert Churn.parse("100:40:noclip") == Churn(100, 40.0, 0.05, 50.0, clip=False)
+    assert Churn.parse("40:16:0.05:2:noclip").name == "edm_40_16_0.05_2_noclip"
+    for bad in ("20", "20:8:1", "1:8", "20:-1", "20:8:10:1", "a:b", "noclip", "20:noclip", "20:8:clip"):
         with pytest.raises(argparse.ArgumentTypeError, match="N:S_churn|N >= 2"):
             Churn.parse(bad)
 
@@ -55,3 +57,12 @@ def test_the_churn_acts_only_inside_its_band():
     """A band above the schedule's largest noise level (about 157) leaves Heun's ODE sampler alone."""
     np.testing.assert_array_equal(bench_images(Churn(20, 8.0, 200.0, 300.0)), bench_images(Churn(20, 0.0)))
     assert not np.array_equal(bench_images(Churn(20, 8.0, 0.05, 2.0)), bench_images(Churn(20, 0.0)))
+
+
+def test_noclip_leaves_the_denoiser_unclipped():
+    """Data near the top of [-1, 1] push the x0 estimates past 1, where clipping changes them; `bench_images`'s data
+    (mean 0) barely reach the clip, so this test draws from data of mean 0.9 instead."""
+    generator = gaussian_generator(NoiseSchedule(), 0.9, STD, IMAGE_SHAPE)
+    clipped, unclipped = (edm_sampling.compile_edm_sampler(generator, Churn(20, 8.0, clip=clip))(SEEDS).numpy()
+                          for clip in (True, False))
+    assert not np.array_equal(clipped, unclipped)
