@@ -105,8 +105,8 @@ def main():
         seconds = time.perf_counter() - start
         scores = common.score_samples(samples, held_out, held_out_embedding)
         swd = results[sampler, steps, eta] = scores["swd_mean"]
-        face = face_results[sampler, steps, eta] = {key: scores[key] for key in ("face_rate", "face_fd",
-                                                                                 "face_landmark_fd")}
+        face = {key: value for key, value in scores.items() if key.startswith("face_")}
+        face_results[sampler, steps, eta] = face
         name = run_name(sampler, steps, eta)
         print(f"{name}_swd_mean {swd:.2f}\n{name}_vs_floor {swd / floor['swd_mean']:.2f}\n"
               f"{name}_face_rate {face['face_rate']:.3f}\n{name}_face_fd {face['face_fd']:.3f}\n"
