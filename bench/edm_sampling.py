@@ -10,9 +10,11 @@ noise levels and take Heun steps between; the library's `samplers.edm_loop` runs
 `--sampler=edm` uses it with the band `samplers.EDM_CHURN_SIGMAS` and gamma = eta (sqrt(2) - 1). Here both are
 free: a configuration `N:S_churn[:S_tmin:S_tmax]` takes N levels (EDM's rho = 7 spacing, `"karras"`), the churn
 gamma = min(S_churn / N, sqrt(2) - 1) for noise levels sigma = sqrt((1 - alpha_bar) / alpha_bar) in
-[S_tmin, S_tmax] (default 0.05 to 50, EDM's ImageNet values), and 2N - 1 network calls. `N:0` is Heun's ODE
-sampler (EDM Algorithm 1). A trailing `:noclip` uses the network's x0 estimate as EDM's denoiser D unclipped, as
-Karras et al. do; the library clips it to [-1, 1], as DDPM's sampler does.
+[S_tmin, S_tmax], and 2N - 1 network calls. The band defaults to EDM's ImageNet values, 0.05 to 50
+(`samplers.EDM_IMAGENET_CHURN_SIGMAS`, the library's band until REPORT.md 6.23), so that the configurations in
+REPORT.md keep their meaning. `N:0` is Heun's ODE sampler (EDM Algorithm 1). A trailing `:noclip` uses the
+network's x0 estimate as EDM's denoiser D unclipped, as Karras et al. do; the library clips it to [-1, 1], as
+DDPM's sampler does.
 
 Each configuration draws `--num_images` samples from the seeds `--seed`, `--seed` + 1, ..., keeps the first 64 as
 <grid_dir>/edm_<N>_<S_churn>_<S_tmin>_<S_tmax>[_noclip]_s<seed>.png and, from 128 images on, scores them against as many
@@ -20,9 +22,10 @@ held-out faces. Prints `key value` lines: floor_swd_mean, floor_face_fd, floor_f
 and per configuration <name>_network_calls, _seconds, _swd_<level> for each pyramid level (_swd_32, _swd_16 at
 32x32), _swd_mean, _face_rate, _face_fd, _face_landmark_fd.
 
-On the shipped model, blind raters counted 3.2 broken faces per 64 with 100:40 (197 calls) and 2.2 with the
-library's eta-1 default (199 calls), against 2.4 for DDPM-1000; weaker, narrower or fewer-level churn broke about
-as many as the ODE or more (REPORT.md 6.18).
+On the shipped model, blind raters counted 3.2 broken faces per 64 with 100:40 (197 calls) and 2.2 with 100:100
+(gamma capped, 199 calls), against 2.4 for DDPM-1000; weaker, narrower or fewer-level churn broke about as many as
+the ODE or more (REPORT.md 6.18). Churn only for sigma in [0.05, 1] (100:100:0.05:1, the library's band since)
+kept about as many faces whole and brought SWD from 1.45x the real-vs-real floor to 0.95x (REPORT.md 6.23).
 """
 
 import argparse
@@ -42,8 +45,8 @@ class Churn:
 
     steps: int  # N, the noise levels
     churn: float  # S_churn: gamma = min(S_churn / N, sqrt(2) - 1) inside the band
-    sigma_tmin: float = samplers.EDM_CHURN_SIGMAS[0]  # S_tmin
-    sigma_tmax: float = samplers.EDM_CHURN_SIGMAS[1]  # S_tmax
+    sigma_tmin: float = samplers.EDM_IMAGENET_CHURN_SIGMAS[0]  # S_tmin
+    sigma_tmax: float = samplers.EDM_IMAGENET_CHURN_SIGMAS[1]  # S_tmax
     clip: bool = True  # clip the denoiser's x0 estimate to [-1, 1], as the library's samplers do
 
     @classmethod

@@ -27,8 +27,8 @@ exhaust its memory; clients split larger jobs into several requests. Ranks need 
 feeds tensors without checking them against the signature, and grappler folds a `tf.rank` check into a
 constant taken from the signature, so only EnsureShape still looks at the tensor that arrived.
 
-Metadata (image size, channels, classes, schedule, objective, sampler, versions, plus caller keys such as
-`dataset` and `training_steps`) is one JSON document, readable with TensorFlow alone in two ways:
+Metadata (image size, channels, classes, schedule, objective, sampler, EDM's churn band, versions, plus caller
+keys such as `dataset` and `training_steps`) is one JSON document, readable with TensorFlow alone in two ways:
 `json.loads(tf.saved_model.load(path).metadata().numpy())`, or the file `assets.extra/keras_ddpm.json` in the
 version folder (TF Serving's place for extra files; it ignores everything there but warm-up requests).
 
@@ -142,7 +142,7 @@ def export_savedmodel(
 # The metadata keys `build_metadata` sets (what the model is and how the export samples); callers add others.
 EXPORT_METADATA_KEYS = frozenset({
     "format", "format_version", "image_size", "channels", "num_classes", "schedule", "objective",
-    "sampler", "steps", "eta", "guidance", "spacing", "max_batch_size", "dtype_policy", "ema",
+    "sampler", "steps", "eta", "guidance", "spacing", "edm_churn_sigmas", "max_batch_size", "dtype_policy", "ema",
     "keras_ddpm_version", "tensorflow_version", "keras_version", "exported_at",
 })
 
@@ -174,6 +174,7 @@ def build_metadata(model: DiffusionModel, sampler: str, steps: int, extra: dict 
         eta=eta,
         guidance=1.0,
         spacing=samplers.DEFAULT_SPACING[sampler],
+        edm_churn_sigmas=list(samplers.EDM_CHURN_SIGMAS),  # the band the graphs' EDM sampler churns in
         max_batch_size=max_batch_size,  # absent from older exports, which have no cap
         dtype_policy=model.network.dtype_policy.name,
         ema=True,

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_ddpm import export
+from keras_ddpm import export, samplers
 from keras_ddpm.export import NotOurSavedModelError, export_savedmodel, load_savedmodel
 from keras_ddpm.runs import load_generator
 from test_model import make_model, toy_images
@@ -155,6 +155,7 @@ def test_metadata_in_the_model_and_in_assets_extra(loaded, export_dir, model):
     assert metadata["sampler"] == "ddim" and metadata["steps"] == EXPORT_STEPS
     assert metadata["training_steps"] == 1 and metadata["dataset"] == "toy"
     assert metadata["max_batch_size"] == export.DEFAULT_MAX_BATCH_SIZE == 64
+    assert metadata["edm_churn_sigmas"] == list(samplers.EDM_CHURN_SIGMAS) == [0.05, 1.0]
     assert metadata["keras_ddpm_version"] == "0.1.0" and metadata["tensorflow_version"] == tf.__version__
 
 

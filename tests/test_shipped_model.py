@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from keras_ddpm import samplers
 from keras_ddpm.data import load_images
 from keras_ddpm.export import read_metadata
 from keras_ddpm.generation import generate_in_batches
@@ -42,11 +43,13 @@ def test_sample_py_with_no_model_flag_uses_the_shipped_model_from_any_folder(tmp
 
 
 def test_the_shipped_sampler_is_edms_with_its_churn():
-    """The export samples with EDM's stochastic sampler at eta 1 (REPORT.md 6.18): its own graph draws the images
-    the library's sampler draws through the `denoise` signature (to within one grey level in a few pixels, where
-    the two graphs round differently), eta 0 (Heun's ODE) draws others, and a seed draws the same image again."""
+    """The export samples with EDM's stochastic sampler at eta 1 (REPORT.md 6.18) in the library's churn band (6.23):
+    its own graph draws the images the library's sampler draws through the `denoise` signature (to within one grey
+    level in a few pixels, where the two graphs round differently), eta 0 (Heun's ODE) draws others, and a seed
+    draws the same image again."""
     generator = load_generator(SHIPPED)
     assert (generator.metadata["sampler"], generator.metadata["steps"], generator.metadata["eta"]) == ("edm", 199, 1.0)
+    assert generator.metadata["edm_churn_sigmas"] == list(samplers.EDM_CHURN_SIGMAS)
     default = generator.generate(seeds=[0, 1], steps=9)  # the export's generate signature
     library = generator.generate(seeds=[0, 1], steps=9, on_step=lambda calls: None)  # samplers.py on `denoise`
     assert np.abs(default.astype(int) - library).max() <= 1 and (default != library).mean() < 0.001
