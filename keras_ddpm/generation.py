@@ -179,11 +179,13 @@ class StepListener:
 
 def compile_sampler(network_output: NetworkOutput, schedule: NoiseSchedule, objective: str, image_shape,
                     num_classes: int, sampler: samplers.SamplerName, spacing: samplers.Spacing | None = None,
-                    return_trajectory: bool = False, report_steps: bool = False):
+                    return_trajectory: bool = False, report_steps: bool = False,
+                    churn_sigmas: tuple[float, float] = samplers.EDM_CHURN_SIGMAS):
     """The compiled sampler: f(seeds int64 [B], steps, eta, labels int32 [B], guidance) -> float32 images.
 
     A `tf.function` with a fixed input signature, so new seeds, batch sizes or step counts never retrace;
     the caller keeps one per (sampler, spacing, trajectory, reporting). Labels are ignored when `num_classes` is 0.
+    `churn_sigmas` is the band EDM's sampler churns in (`samplers.sample`).
     With `report_steps`, its `step_listener` (a `StepListener`) hears of every network call; that graph calls
     back into Python, so it is never exported.
     """
@@ -195,7 +197,8 @@ def compile_sampler(network_output: NetworkOutput, schedule: NoiseSchedule, obje
             network_output, schedule, objective, labels if num_classes else None, num_classes, guidance
         )
         return samplers.sample(
-            denoise, schedule, seeds, image_shape, steps, sampler, eta, spacing, return_trajectory=return_trajectory,
+            denoise, schedule, seeds, image_shape, steps, sampler, eta, spacing, churn_sigmas=churn_sigmas,
+            return_trajectory=return_trajectory,
             on_step=step_listener.in_graph if step_listener else None,
         )
 
@@ -238,6 +241,9 @@ class SavedModelGenerator:
         self.schedule = NoiseSchedule.from_config(metadata["schedule"])
         self.objective = metadata["objective"]
         self.max_batch_size = metadata.get("max_batch_size")  # None: an older export, without a cap
+        # the band the export's own EDM graphs churn in, so that its `denoise` path draws the same images;
+        # exports that predate the key were made with EDM's ImageNet band (REPORT.md 6.23)
+        self.churn_sigmas = tuple(metadata.get("edm_churn_sigmas", samplers.EDM_IMAGENET_CHURN_SIGMAS))
         self._samplers = {}
 
     def network_output(self, inputs: list) -> tf.Tensor:
@@ -282,7 +288,8 @@ class SavedModelGenerator:
         key = (request.sampler, spacing, return_trajectory, on_step is not None)
         if key not in self._samplers:
             self._samplers[key] = compile_sampler(self.network_output, self.schedule, self.objective,
-                                                  self.image_shape, self.num_classes, *key)
+                                                  self.image_shape, self.num_classes, *key,
+                                                  churn_sigmas=self.churn_sigmas)
         return run_sampler(self._samplers[key], request, return_trajectory, on_step)
 
     def _exported_generate(self, request: Request) -> np.ndarray:

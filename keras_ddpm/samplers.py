@@ -339,6 +339,7 @@ def sample(
     eta=0.0,
     spacing: Spacing | None = None,
     ddpm_variance: PosteriorVariance = "beta_tilde",
+    churn_sigmas: tuple[float, float] = EDM_CHURN_SIGMAS,
     return_trajectory: bool = False,
     on_step: Callable[[tf.Tensor], None] | None = None,
 ):
@@ -355,10 +356,11 @@ def sample(
         num_steps: number of network evaluations S (a Python int or a scalar tensor), 1 <= S <= T.
         sampler: `"ddpm"`, `"ddim"`, `"dpm++"` or `"edm"`.
         eta: the stochasticity of DDIM, DPM-Solver++ and EDM in [0, 1]: 0 solves the ODE, 1 adds DDPM's noise
-            (EDM: its largest churn, gamma = sqrt(2) - 1, for noise levels in `EDM_CHURN_SIGMAS`; ignored by DDPM).
+            (EDM: its largest churn, gamma = sqrt(2) - 1, for noise levels in `churn_sigmas`; ignored by DDPM).
         spacing: how the S timesteps are spread over [0, T) (see `sampling_timesteps`); default
             `DEFAULT_SPACING[sampler]`.
         ddpm_variance: the DDPM step's `posterior_variance` (DDPM's sigma_t^2), `"beta_tilde"` or `"beta"`.
+        churn_sigmas: the band of EDM noise levels [S_tmin, S_tmax] that EDM's sampler churns in.
         return_trajectory: also return x_t before each step, [S, B, H, W, C] (for process figures).
         on_step: called in the loop after each step with the number of steps done (a tensor, 1 to S): a host-side
             progress report (`generation.StepListener`). Exported graphs take none.
@@ -370,7 +372,7 @@ def sample(
     if sampler == "edm":
         levels = edm_levels(schedule, num_steps, spacing or DEFAULT_SPACING[sampler])
         gamma = tf.cast(eta, tf.float32) * (2.0**0.5 - 1.0)  # EDM's largest churn at eta = 1: twice the variance
-        return edm_loop(denoise, schedule, seeds, image_shape, num_steps, levels, gamma,
+        return edm_loop(denoise, schedule, seeds, image_shape, num_steps, levels, gamma, churn_sigmas,
                         return_trajectory=return_trajectory, on_step=on_step)
     timesteps = sampling_timesteps(schedule, num_steps, spacing or DEFAULT_SPACING[sampler])
     num_steps = tf.shape(timesteps)[0]

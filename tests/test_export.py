@@ -234,6 +234,26 @@ def test_an_export_reports_the_steps_of_every_sampler_its_own_included(export_di
     np.testing.assert_array_equal(images, model.generate(seeds=[0, 1], steps=3, sampler="ddpm"))
 
 
+def test_an_export_samples_in_its_own_churn_band_and_an_older_one_in_the_imagenet_band(model, tmp_path):
+    """Off its own `generate` graph (here: asked for step reports), an EDM export samples in the band its metadata
+    records, so that it draws its graph's images; exports that predate that key churned in EDM's ImageNet band."""
+    from keras_ddpm.generation import SavedModelGenerator, compile_sampler
+
+    loaded, metadata = load_savedmodel(export_savedmodel(model, tmp_path, version=1, steps=9, sampler="edm", eta=1.0))
+    older_metadata = {key: value for key, value in metadata.items() if key != "edm_churn_sigmas"}
+    options = dict(seeds=[0, 1], on_step=lambda calls: None)
+    exported = SavedModelGenerator(loaded, metadata).generate(seeds=[0, 1])
+    own_band = SavedModelGenerator(loaded, metadata).generate(**options)
+    older = SavedModelGenerator(loaded, older_metadata).generate(**options)
+    imagenet_band = compile_sampler(model.network_output, model.schedule, model.objective, model.image_shape, 0,
+                                    "edm", churn_sigmas=samplers.EDM_IMAGENET_CHURN_SIGMAS)
+    seeds, steps, eta = tf.constant([0, 1], tf.int64), tf.constant(9), tf.constant(1.0)
+    expected_older = samplers.to_uint8(imagenet_band(seeds, steps, eta, tf.zeros([2], tf.int32), 1.0)).numpy()
+    assert np.abs(own_band.astype(int) - exported).max() <= 1
+    assert np.abs(older.astype(int) - expected_older).max() <= 1
+    assert np.mean(older != exported) > 0.5  # the band changes most values
+
+
 def test_step_reports_never_reach_an_exported_graph(model, tmp_path):
     """A model that has sampled with step reports exports graphs without a Python call in them (TF Serving has none)."""
     from tensorflow.core.protobuf import saved_model_pb2
