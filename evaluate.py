@@ -22,7 +22,7 @@ from keras_ddpm import cli  # noqa: E402
 from keras_ddpm.config import CROPS, DATASETS  # noqa: E402
 
 FLAGS = flags.FLAGS
-cli.define_model_flags(__file__, "evaluate")  # --model, --checkpoint_step, --precision, --sampler, --steps, --eta
+cli.define_model_flags(__file__, "evaluate")  # --model, --checkpoint_step, --precision, --sampler, --steps, --eta, ...
 flags.DEFINE_list("metrics", ["swd", "nll"], "Metrics to compute: swd, fid, kid, face, nll, nn (nearest training "
                   "images; fid and kid need InceptionV3 weights; face uses MTCNN, offline).")
 # Real images
@@ -69,7 +69,8 @@ def main(argv):
             samples=samples, dataset=FLAGS.dataset,
             data_dir=FLAGS.data_dir, split=FLAGS.split,
             crop=FLAGS.crop, metrics=metrics, num_images=FLAGS.num_images, sampler=FLAGS.sampler, steps=FLAGS.steps,
-            eta=FLAGS.eta, seed=FLAGS.seed, batch_size=FLAGS.batch_size, inception_weights=FLAGS.inception_weights,
+            eta=FLAGS.eta, churn_sigmas=FLAGS.edm_churn_sigmas, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
+            inception_weights=FLAGS.inception_weights,
             stats_cache=FLAGS.stats_cache, nll_images=FLAGS.nll_images, nll_draws=FLAGS.nll_draws, nn_png=FLAGS.nn_png,
             nn_train_images=FLAGS.nn_train_images,
         )

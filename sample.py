@@ -15,7 +15,7 @@ from keras_ddpm import cli  # noqa: E402
 from keras_ddpm.config import SPACINGS  # noqa: E402
 
 FLAGS = flags.FLAGS
-cli.define_model_flags(__file__, "sample")  # --model, --checkpoint_step, --precision, --sampler, --steps, --eta
+cli.define_model_flags(__file__, "sample")  # --model, --checkpoint_step, --precision, --sampler, --steps, --eta, ...
 flags.DEFINE_integer("num_images", 64, "How many images.")
 flags.DEFINE_enum("spacing", None, list(SPACINGS), "Timestep spacing; default per sampler.")
 flags.DEFINE_integer("seed", 0, "Image i uses seed + i.")
@@ -34,7 +34,7 @@ flags.DEFINE_boolean("traceback", False, "Show the full traceback on errors.")
 def describe(generator) -> str:
     meta = generator.metadata
     fields = ["dataset", "image_size", "channels", "num_classes", "schedule", "objective", "sampler", "steps", "eta",
-              "training_steps", "keras_ddpm_version", "exported_at"]
+              "edm_churn_sigmas", "training_steps", "keras_ddpm_version", "exported_at"]
     return "\n".join(f"  {key}: {meta[key]}" for key in fields if meta.get(key) is not None)
 
 
@@ -55,8 +55,8 @@ def main(argv):
         generator = load_generator(FLAGS.model, FLAGS.checkpoint_step, precision)
         print(f"Model {FLAGS.model}:\n{describe(generator)}")
         print(f"  precision: {precision} ({reason})")
-        options = dict(sampler=FLAGS.sampler, steps=FLAGS.steps, eta=FLAGS.eta,
-                       spacing=FLAGS.spacing, guidance=FLAGS.guidance, labels=FLAGS.label)
+        options = dict(sampler=FLAGS.sampler, steps=FLAGS.steps, eta=FLAGS.eta, spacing=FLAGS.spacing,
+                       churn_sigmas=FLAGS.edm_churn_sigmas, guidance=FLAGS.guidance, labels=FLAGS.label)
         if FLAGS.label is None:
             options["labels"] = labels_in_turn(FLAGS.num_images, generator.num_classes)
         images = generate_in_batches(generator, FLAGS.num_images, FLAGS.batch_size, FLAGS.seed, **options)

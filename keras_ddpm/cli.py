@@ -91,6 +91,10 @@ def define_model_flags(script_file: str, verb: str, flag_values: flags.FlagValue
                          "else T (ddpm: every step), 50 (ddim), 20 (dpm++), 199 (edm).", flag_values=flag_values)
     flags.DEFINE_float("eta", None, "Noise of DDIM, DPM-Solver++ and EDM in [0, 1] (0: deterministic); default: the "
                        "export's for its own sampler, else 0.", flag_values=flag_values)
+    flags.DEFINE_list("edm_churn_sigmas", None, "EDM's churn band S_tmin,S_tmax in noise level sigma; default: "
+                      "the model's own (the shipped model's: 0.05,1). 0.05,50, EDM's ImageNet band, mends more broken "
+                      "faces and moves the coarse statistics further from real faces (REPORT.md 6.23).",
+                      flag_values=flag_values)
 
 
 # -- flags from the config dataclasses --------------------------------------------------------------------

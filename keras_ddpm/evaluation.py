@@ -31,7 +31,8 @@ from keras_ddpm.metrics import face as face_metric
 from keras_ddpm.data import load_images
 from keras_ddpm.errors import NotOurSavedModelError
 from keras_ddpm.export import find_version_dir, read_metadata
-from keras_ddpm.generation import Generator, generate_in_batches, labels_in_turn, sampling_defaults
+from keras_ddpm.generation import (Generator, generate_in_batches, labels_in_turn, resolve_churn_sigmas,
+                                   sampling_defaults)
 from keras_ddpm.runs import load_generator, read_run_config, sampling_precision
 
 METRICS = ("swd", "fid", "kid", "nll", "nn", "face")
@@ -199,6 +200,7 @@ def evaluate(
     sampler: str | None = None,
     steps: int | None = None,
     eta: float | None = None,
+    churn_sigmas=None,
     seed: int = 0,
     batch_size: int = 64,
     inception_weights: str | None = "imagenet",
@@ -227,6 +229,7 @@ def evaluate(
         num_images: samples and real images for SWD, FID, KID and the face metric.
         sampler, steps, eta: how samples are drawn; default: the SavedModel's own sampler, step count and eta
             (DDIM, 50 steps, eta 0 for a run directory).
+        churn_sigmas: EDM's churn band (S_tmin, S_tmax); default: the model's own (see `DiffusionModel.generate`).
         seed: sample i uses seed `seed + i`; also seeds the SWD projections and the NLL's draws.
         batch_size: images per sampling, Inception and NLL batch.
         inception_weights: "imagenet" (downloaded by Keras) or the path of the InceptionV3 notop `.h5`.
@@ -294,8 +297,8 @@ def evaluate(
     if sample_metrics:
         if samples is None:
             with _timed(seconds, "sampling"):
-                samples, results["samples"] = _draw_samples(generator, num_images, sampler, steps, eta, seed,
-                                                            batch_size, verbose)
+                samples, results["samples"] = _draw_samples(generator, num_images, sampler, steps, eta, churn_sigmas,
+                                                            seed, batch_size, verbose)
                 results["samples"]["precision"] = precision
         else:
             results["samples"] = {"source": "given", "num_images": len(samples), "num_requested": num_images}
@@ -329,14 +332,17 @@ def evaluate(
     return results
 
 
-def _draw_samples(generator, num_images, sampler, steps, eta, seed, batch_size, verbose):
+def _draw_samples(generator, num_images, sampler, steps, eta, churn_sigmas, seed, batch_size, verbose):
     """`num_images` samples from seeds `seed, seed + 1, ...` (classes in turn for a conditional model), and how."""
     sampler, steps, eta = sampling_defaults(generator, sampler, steps, eta)
+    churn_sigmas = resolve_churn_sigmas(generator, churn_sigmas)
     labels = labels_in_turn(num_images, generator.num_classes)
     samples = generate_in_batches(generator, num_images, batch_size, seed, verbose, sampler=sampler, steps=steps,
-                                  eta=eta, labels=labels)  # says how it samples when verbose
+                                  eta=eta, churn_sigmas=churn_sigmas, labels=labels)  # says how it samples when verbose
     made = {"source": "generated", "num_images": len(samples), "sampler": sampler, "steps": steps, "eta": eta,
             "seeds": [seed, seed + num_images - 1]}
+    if sampler == "edm":
+        made["edm_churn_sigmas"] = list(churn_sigmas)
     return samples, made
 
 

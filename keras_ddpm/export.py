@@ -174,7 +174,7 @@ def build_metadata(model: DiffusionModel, sampler: str, steps: int, extra: dict 
         eta=eta,
         guidance=1.0,
         spacing=samplers.DEFAULT_SPACING[sampler],
-        edm_churn_sigmas=list(samplers.EDM_CHURN_SIGMAS),  # the band the graphs' EDM sampler churns in
+        edm_churn_sigmas=list(model.churn_sigmas),  # the band the graphs' EDM sampler churns in
         max_batch_size=max_batch_size,  # absent from older exports, which have no cap
         dtype_policy=model.network.dtype_policy.name,
         ema=True,

@@ -42,6 +42,7 @@ class Generator(Protocol):
             sampler; an export's also `steps`), `image_size`, `channels`, `num_classes`, `schedule`, `objective`
             and `dataset` (or None).
         max_batch_size: most seeds one `generate` call takes (an export's cap), or None.
+        churn_sigmas: the band of noise levels (S_tmin, S_tmax) EDM's sampler churns in unless a request names one.
     """
 
     image_shape: tuple[int, int, int]
@@ -50,6 +51,7 @@ class Generator(Protocol):
     objective: str
     metadata: dict
     max_batch_size: int | None
+    churn_sigmas: tuple[float, float]
 
     def network_output(self, inputs: list) -> tf.Tensor:
         """The (EMA) network's raw prediction for `[x_t, t]` or `[x_t, t, labels]`."""
@@ -57,7 +59,7 @@ class Generator(Protocol):
     def generate(self, num_images: int | None = None, *, seed: int = 0, seeds=None, steps: int | None = None,
                  sampler: samplers.SamplerName | None = None, eta: float | None = None,
                  spacing: samplers.Spacing | None = None, labels=None, guidance: float = 1.0,
-                 return_trajectory: bool = False, on_step: StepCallback | None = None):
+                 churn_sigmas=None, return_trajectory: bool = False, on_step: StepCallback | None = None):
         """uint8 images [N, H, W, C] (and the float trajectory [S, N, H, W, C] when asked); see `check_request`.
 
         `on_step(calls_done)` follows the sampler's network calls where it can (not through an export's own
@@ -74,6 +76,7 @@ class Request:
     sampler: samplers.SamplerName
     eta: float
     spacing: samplers.Spacing | None
+    churn_sigmas: tuple[float, float]  # EDM's band; the compiled function fixes it, so it is not a tensor
     labels: np.ndarray  # int32 [N]; zeros for an unconditional model (the compiled sampler ignores them)
     guidance: float
 
@@ -106,8 +109,13 @@ def resolve_sampling(defaults: dict, num_timesteps: int, sampler=None, steps=Non
     return sampler, int(steps), eta
 
 
+def resolve_churn_sigmas(generator: Generator, churn_sigmas=None) -> tuple[float, float]:
+    """EDM's churn band as asked (checked), else the generator's own."""
+    return generator.churn_sigmas if churn_sigmas is None else samplers.check_churn_sigmas(churn_sigmas)
+
+
 def check_request(generator: Generator, num_images=None, seed=0, seeds=None, steps=None, sampler=None, eta=None,
-                  spacing=None, labels=None, guidance=1.0) -> Request:
+                  spacing=None, labels=None, guidance=1.0, churn_sigmas=None) -> Request:
     """Validate the arguments of a `generate()` call (see `DiffusionModel.generate` for each) into a `Request`."""
     sampler, steps, eta = sampling_defaults(generator, sampler, steps, eta)
     if seeds is None:
@@ -122,7 +130,8 @@ def check_request(generator: Generator, num_images=None, seed=0, seeds=None, ste
                          f"got {len(seeds)}; use generate_in_batches.")
     samplers.check_steps_and_eta(steps, eta, generator.schedule.num_timesteps)
     labels = check_labels(labels, guidance, generator.num_classes, len(seeds))
-    return Request(seeds, steps, sampler, float(eta), spacing, labels, float(guidance))
+    churn_sigmas = resolve_churn_sigmas(generator, churn_sigmas)
+    return Request(seeds, steps, sampler, float(eta), spacing, churn_sigmas, labels, float(guidance))
 
 
 def labels_in_turn(num_images: int, num_classes: int) -> np.ndarray | None:
@@ -184,8 +193,8 @@ def compile_sampler(network_output: NetworkOutput, schedule: NoiseSchedule, obje
     """The compiled sampler: f(seeds int64 [B], steps, eta, labels int32 [B], guidance) -> float32 images.
 
     A `tf.function` with a fixed input signature, so new seeds, batch sizes or step counts never retrace;
-    the caller keeps one per (sampler, spacing, trajectory, reporting). Labels are ignored when `num_classes` is 0.
-    `churn_sigmas` is the band EDM's sampler churns in (`samplers.sample`).
+    the caller keeps one per (sampler, spacing, trajectory, reporting, `churn_sigmas`: the band EDM's sampler
+    churns in). Labels are ignored when `num_classes` is 0.
     With `report_steps`, its `step_listener` (a `StepListener`) hears of every network call; that graph calls
     back into Python, so it is never exported.
     """
@@ -273,23 +282,25 @@ class SavedModelGenerator:
         return predictions.concat()
 
     def generate(self, num_images=None, *, seed=0, seeds=None, steps=None, sampler=None, eta=None, spacing=None,
-                 labels=None, guidance=1.0, return_trajectory=False, on_step=None):
+                 labels=None, guidance=1.0, churn_sigmas=None, return_trajectory=False, on_step=None):
         """uint8 images [N, H, W, C] (and the float trajectory [S, N, H, W, C] when asked); see `DiffusionModel.generate`.
 
         `sampler` and `eta` default to those the model was exported with, and `steps` too for that sampler; those
-        requests run the export's own `generate` signature, unless `on_step` asks for step reports, which that
-        graph cannot send: then the same sampler runs on the `denoise` signature (the same images, to within one grey
-        level in a few pixels where the two graphs round differently; tests/test_export.py).
+        requests run the export's own `generate` signature, unless `on_step` asks for step reports or
+        `churn_sigmas` for another band, which that graph cannot give: then the same sampler runs on the `denoise`
+        signature (the same images, to within one grey level in a few pixels where the two graphs round
+        differently; tests/test_export.py).
         """
-        request = check_request(self, num_images, seed, seeds, steps, sampler, eta, spacing, labels, guidance)
-        exported_way = request.sampler == self.metadata["sampler"] and spacing in (None, self.metadata["spacing"])
+        request = check_request(self, num_images, seed, seeds, steps, sampler, eta, spacing, labels, guidance,
+                                churn_sigmas)
+        exported_way = (request.sampler == self.metadata["sampler"] and spacing in (None, self.metadata["spacing"])
+                        and request.churn_sigmas == self.churn_sigmas)
         if exported_way and not return_trajectory and on_step is None:
             return self._exported_generate(request)
-        key = (request.sampler, spacing, return_trajectory, on_step is not None)
+        key = (request.sampler, spacing, return_trajectory, on_step is not None, request.churn_sigmas)
         if key not in self._samplers:
             self._samplers[key] = compile_sampler(self.network_output, self.schedule, self.objective,
-                                                  self.image_shape, self.num_classes, *key,
-                                                  churn_sigmas=self.churn_sigmas)
+                                                  self.image_shape, self.num_classes, *key)
         return run_sampler(self._samplers[key], request, return_trajectory, on_step)
 
     def _exported_generate(self, request: Request) -> np.ndarray:
@@ -329,7 +340,11 @@ def generate_in_batches(generator: Generator, num_images: int, batch_size: int =
     if verbose:
         sampler, steps, eta = sampling_defaults(generator, options.get("sampler"), options.get("steps"),
                                                 options.get("eta"))
-        print(f"Sampling {num_images} images: {sampler}, {steps} network calls each, eta {eta:g}, "
+        churn = ""
+        if sampler == "edm" and eta > 0:
+            low, high = resolve_churn_sigmas(generator, options.get("churn_sigmas"))
+            churn = f" (churn for sigma in [{low:g}, {high:g}])"
+        print(f"Sampling {num_images} images: {sampler}, {steps} network calls each, eta {eta:g}{churn}, "
               f"in batches of {batch_size}.", flush=True)
         progress = CallProgress(-(-num_images // batch_size) * steps)
     labels = options.pop("labels", None)

@@ -112,6 +112,8 @@ class DiffusionModel(keras.Model):
 
     # A model in memory takes any number of seeds per call; an export caps them (see `generation.Generator`).
     max_batch_size = None
+    # EDM's sampler churns in the library's band; an export records the band its graphs were built with
+    churn_sigmas = samplers.EDM_CHURN_SIGMAS
 
     @property
     def metadata(self) -> dict:
@@ -282,17 +284,18 @@ class DiffusionModel(keras.Model):
         return network(inputs, training=False)
 
     def sample_function(self, sampler="ddim", spacing=None, return_trajectory=False, use_ema=True,
-                        report_steps=False):
+                        report_steps=False, churn_sigmas=None):
         """The compiled sampler: f(seeds int64 [B], steps, eta, labels int32 [B], guidance) -> float32 images.
 
-        One `tf.function` per (sampler, spacing, trajectory, weights, step reports) (see
-        `generation.compile_sampler`), so new seeds, batch sizes or step counts never retrace.
+        One `tf.function` per (sampler, spacing, trajectory, weights, step reports, EDM's churn band, by default
+        `churn_sigmas`) (see `generation.compile_sampler`), so new seeds, batch sizes or step counts never retrace.
         """
-        key = (sampler, spacing, return_trajectory, use_ema, report_steps)
+        churn_sigmas = tuple(churn_sigmas or self.churn_sigmas)
+        key = (sampler, spacing, return_trajectory, use_ema, report_steps, churn_sigmas)
         if key not in self._sample_functions:
             self._sample_functions[key] = generation.compile_sampler(
                 lambda inputs: self.network_output(inputs, use_ema), self.schedule, self.objective, self.image_shape,
-                self.num_classes, sampler, spacing, return_trajectory, report_steps,
+                self.num_classes, sampler, spacing, return_trajectory, report_steps, churn_sigmas,
             )
         return self._sample_functions[key]
 
@@ -308,6 +311,7 @@ class DiffusionModel(keras.Model):
         spacing: samplers.Spacing | None = None,
         labels=None,
         guidance: float = 1.0,
+        churn_sigmas=None,
         use_ema: bool = True,
         return_trajectory: bool = False,
         on_step: generation.StepCallback | None = None,
@@ -332,12 +336,17 @@ class DiffusionModel(keras.Model):
             labels: for conditional models, one int or one per image; `num_classes` (the null label)
                 samples unconditionally.
             guidance: classifier-free guidance scale w (1 = no guidance).
+            churn_sigmas: the noise levels (S_tmin, S_tmax) EDM's sampler churns in; default `churn_sigmas`,
+                (0.05, 1). `samplers.EDM_IMAGENET_CHURN_SIGMAS`, (0.05, 50), mends more broken faces and moves
+                the coarse statistics further from real faces (REPORT.md 6.23). Other samplers ignore it.
             use_ema: sample with the EMA weights (default) or the raw training weights.
             return_trajectory: also return the float x_t before every step, [S, N, H, W, C].
             on_step: `on_step(calls_done)` after each network call, for a progress bar.
         """
-        request = generation.check_request(self, num_images, seed, seeds, steps, sampler, eta, spacing, labels, guidance)
-        sample = self.sample_function(request.sampler, spacing, return_trajectory, use_ema, on_step is not None)
+        request = generation.check_request(self, num_images, seed, seeds, steps, sampler, eta, spacing, labels,
+                                           guidance, churn_sigmas)
+        sample = self.sample_function(request.sampler, spacing, return_trajectory, use_ema, on_step is not None,
+                                      request.churn_sigmas)
         return generation.run_sampler(sample, request, return_trajectory, on_step)
 
     # -- serialisation ------------------------------------------------------------------------------------

@@ -86,6 +86,19 @@ def check_steps_and_eta(steps: int, eta: float, num_timesteps: int, names=("step
         raise ValueError(f"{names[1]} must be in [0, 1], got {eta}.")
 
 
+def check_churn_sigmas(churn_sigmas) -> tuple[float, float]:
+    """EDM's churn band (S_tmin, S_tmax) as two floats with 0 <= S_tmin < S_tmax, or a ValueError that says so."""
+    try:
+        low, high = (float(sigma) for sigma in churn_sigmas)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"The churn band is two noise levels S_tmin,S_tmax such as 0.05,50; got {churn_sigmas!r}."
+        ) from None
+    if not 0.0 <= low < high:
+        raise ValueError(f"The churn band needs 0 <= S_tmin < S_tmax, got S_tmin {low:g} and S_tmax {high:g}.")
+    return low, high
+
+
 def default_steps(sampler: SamplerName, num_timesteps: int) -> int:
     """Network evaluations when none are asked for: all T for DDPM, 50 for DDIM, 20 for DPM-Solver++, 199 for EDM
     (100 noise levels, the fewest measured to draw as many whole faces as DDPM-1000, REPORT.md 6.18; at most T)."""

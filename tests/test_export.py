@@ -236,7 +236,8 @@ def test_an_export_reports_the_steps_of_every_sampler_its_own_included(export_di
 
 def test_an_export_samples_in_its_own_churn_band_and_an_older_one_in_the_imagenet_band(model, tmp_path):
     """Off its own `generate` graph (here: asked for step reports), an EDM export samples in the band its metadata
-    records, so that it draws its graph's images; exports that predate that key churned in EDM's ImageNet band."""
+    records, so that it draws its graph's images; exports that predate that key churned in EDM's ImageNet band. A
+    request may name another band, for an export and for a model in memory alike."""
     from keras_ddpm.generation import SavedModelGenerator, compile_sampler
 
     loaded, metadata = load_savedmodel(export_savedmodel(model, tmp_path, version=1, steps=9, sampler="edm", eta=1.0))
@@ -252,6 +253,9 @@ def test_an_export_samples_in_its_own_churn_band_and_an_older_one_in_the_imagene
     assert np.abs(own_band.astype(int) - exported).max() <= 1
     assert np.abs(older.astype(int) - expected_older).max() <= 1
     assert np.mean(older != exported) > 0.5  # the band changes most values
+    asked = dict(seeds=[0, 1], churn_sigmas=samplers.EDM_IMAGENET_CHURN_SIGMAS)
+    assert np.abs(SavedModelGenerator(loaded, metadata).generate(**asked).astype(int) - expected_older).max() <= 1
+    np.testing.assert_array_equal(model.generate(**asked, steps=9, sampler="edm", eta=1.0), expected_older)
 
 
 def test_step_reports_never_reach_an_exported_graph(model, tmp_path):

@@ -241,3 +241,11 @@ def test_per_image_noise_depends_only_on_the_image_seed():
 def test_to_uint8_rounds_and_clips():
     values = tf.constant([-1.5, -1.0, 0.0, 1.0, 2.0])
     np.testing.assert_array_equal(samplers.to_uint8(values).numpy(), [0, 0, 128, 255, 255])
+
+
+def test_a_churn_band_is_two_noise_levels_in_order():
+    assert samplers.check_churn_sigmas(["0.05", "50"]) == (0.05, 50.0)  # as the --edm_churn_sigmas flag gives it
+    for bad, message in [(["1"], "two noise levels"), ("ab", "two noise levels"), (None, "two noise levels"),
+                         ((5.0, 1.0), "S_tmin < S_tmax"), ((-1.0, 1.0), "0 <= S_tmin"), ((0.0, float("nan")), "S_tmax")]:
+        with pytest.raises(ValueError, match=message):
+            samplers.check_churn_sigmas(bad)

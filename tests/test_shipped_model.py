@@ -38,7 +38,8 @@ def test_sample_py_with_no_model_flag_uses_the_shipped_model_from_any_folder(tmp
     result = run_sample_py("--num_images=4", "--steps=4", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "dataset: celeba" in result.stdout
-    assert "Sampling 4 images: edm, 4 network calls each, eta 1, in batches of 4." in result.stdout
+    assert ("Sampling 4 images: edm, 4 network calls each, eta 1 (churn for sigma in [0.05, 1]), in batches of 4."
+            in result.stdout)
     assert (tmp_path / "samples" / "grid.png").stat().st_size > 1000
 
 
@@ -55,6 +56,14 @@ def test_the_shipped_sampler_is_edms_with_its_churn():
     assert np.abs(default.astype(int) - library).max() <= 1 and (default != library).mean() < 0.001
     assert (default != generator.generate(seeds=[0, 1], steps=9, eta=0.0)).mean() > 0.3
     assert (default == generator.generate(seeds=[0, 1], steps=9)).all()
+
+
+def test_sample_py_refuses_a_churn_band_upside_down_and_writes_nothing(tmp_path):
+    result = run_sample_py("--edm_churn_sigmas=50,0.05", "--num_images=2", "--steps=3",
+                           f"--output={tmp_path / 'grid.png'}", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "0 <= S_tmin < S_tmax, got S_tmin 50 and S_tmax 0.05" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "grid.png").exists()
 
 
 @pytest.mark.parametrize("damaged_file", ["saved_model.pb", "variables/variables.index"])
