@@ -163,8 +163,8 @@ def new_ratings(out_dir: pathlib.Path, document: dict) -> dict[str, dict[str, di
 
 
 def merge(out_dir: pathlib.Path, counts_path=COUNTS, what: str | None = None) -> None:
-    """Add the new ratings in `out_dir` to the counts file; `what` (who rated which grids) extends its description
-    and is required when a grid is new to the file."""
+    """Add the new ratings in `out_dir` to the counts file; `what` (who rated which grids) extends its description,
+    unless the description holds it already, and is required when a grid is new to the file."""
     document = read_counts(counts_path)
     found = new_ratings(out_dir, document)
     if not found:
@@ -175,7 +175,7 @@ def merge(out_dir: pathlib.Path, counts_path=COUNTS, what: str | None = None) ->
         raise ValueError(f"New grids {new_grids}: say what they are with --what (model, sampler, seeds, section).")
     for name, ratings in found.items():
         document["counts"].setdefault(name, {}).update(ratings)
-    if what:
+    if what and what not in document["what"]:  # one round merged from several folders is described once
         document["what"] = f"{document['what']} {what}"
     files.write_text(counts_path, counts_json(document) + "\n")
     for name, ratings in sorted(found.items()):

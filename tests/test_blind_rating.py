@@ -85,11 +85,12 @@ def test_merge_files_counts_under_real_names_and_skips_what_it_merged_before(tmp
     assert document["counts"]["ode_s0"]["rater3"] == {"grid_file": blind_file, "clearly_broken": 2, "borderline": 1,
                                                       "broken_positions": [[1, 1], [1, 2]], "note": "fine"}
     assert '"broken_positions": [[1, 1], [1, 2]]' in counts.read_text()  # one line, as the file keeps them
-    rate(out_dir, 4, broken=4)  # a late rater: rater 3 is skipped, rater 4 added
-    blind_rating.merge(out_dir, counts)
+    rate(out_dir, 4, broken=4)  # a late rater, merged with the round's description again: rater 3 is skipped,
+    blind_rating.merge(out_dir, counts, what="Raters 3-4 rated five grids.")  # rater 4 added, the text kept once
     document = json.loads(counts.read_text())
     assert document["counts"]["ode_s0"]["rater4"]["clearly_broken"] == 4
     assert document["counts"]["ode_s0"]["rater3"]["clearly_broken"] == 2
+    assert document["what"] == "Counts. Raters 3-4 rated five grids."
 
 
 def test_rater_numbers_already_used_are_refused(tmp_path, grids, counts):
