@@ -97,7 +97,8 @@ def compile_autoguided(model, guide, sampler: str, steps: int, eta: float):
     def sample(seeds, guidance):
         denoise = samplers.make_denoiser(lambda inputs: network_output(inputs, guidance), model.schedule,
                                          model.objective)
-        images = samplers.sample(denoise, model.schedule, seeds, model.image_shape, steps, sampler, eta)
+        images = samplers.sample(denoise, model.schedule, seeds, model.image_shape, steps, sampler, eta,
+                                 churn_sigmas=model.churn_sigmas)
         return samplers.to_uint8(images)
 
     return sample

@@ -131,6 +131,8 @@ def check_request(generator: Generator, num_images=None, seed=0, seeds=None, ste
     samplers.check_steps_and_eta(steps, eta, generator.schedule.num_timesteps)
     labels = check_labels(labels, guidance, generator.num_classes, len(seeds))
     churn_sigmas = resolve_churn_sigmas(generator, churn_sigmas)
+    if sampler != "edm":  # the band means nothing to other samplers: keep their compiled functions and export graph
+        churn_sigmas = generator.churn_sigmas
     return Request(seeds, steps, sampler, float(eta), spacing, churn_sigmas, labels, float(guidance))
 
 

@@ -257,7 +257,7 @@ def edm_sigma(schedule: NoiseSchedule, t) -> tf.Tensor:
     return tf.sqrt((1.0 - alpha_bar) / alpha_bar)
 
 
-def edm_churned_timestep(schedule: NoiseSchedule, t, gamma, churn_sigmas=EDM_CHURN_SIGMAS) -> tf.Tensor:
+def edm_churned_timestep(schedule: NoiseSchedule, t, gamma, churn_sigmas) -> tf.Tensor:
     """The timestep of the raised noise level edm_sigma_t (1 + gamma) (Karras et al. 2022, Algorithm 2, lines 4-5),
     snapped to the nearest timestep at or above t; t itself outside `churn_sigmas`."""
     sigma = edm_sigma(schedule, t)
@@ -273,7 +273,7 @@ def edm_levels(schedule: NoiseSchedule, num_calls, spacing: Spacing = "karras") 
 
 
 def edm_loop(denoise: Denoiser, schedule: NoiseSchedule, seeds, image_shape, num_calls, levels, gamma,
-             churn_sigmas=EDM_CHURN_SIGMAS, return_trajectory=False, on_step=None):
+             churn_sigmas, return_trajectory=False, on_step=None):
     """EDM's stochastic sampler (Karras et al. 2022, Algorithm 2) over the decreasing timesteps `levels`, in
     `num_calls` network calls (2 per level but the last, 1 for the first too when `num_calls` is even).
 

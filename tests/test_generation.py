@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_ddpm import plots
+from keras_ddpm import plots, samplers
 from keras_ddpm.generation import CallProgress, check_request, generate_in_batches, resolve_sampling
 from keras_ddpm.model import DiffusionModel
 from keras_ddpm.schedule import NoiseSchedule
@@ -94,6 +94,16 @@ def test_training_curves_plot_the_monitored_epochs_in_a_panel_of_their_own(tmp_p
     heights = [matplotlib.image.imread(plots.plot_training_curves(csv, tmp_path / f"{csv.stem}.png")).shape[0]
                for csv in (plain, monitored)]
     assert heights[1] > 1.5 * heights[0]  # the panel is there only when the run monitored
+
+
+def test_a_churn_band_is_checked_for_every_sampler_and_kept_only_for_edms(trained_model):
+    """Other samplers ignore the band, so it must not split their compiled functions or leave an export's graph."""
+    imagenet = samplers.EDM_IMAGENET_CHURN_SIGMAS
+    assert check_request(trained_model, 1, sampler="edm", churn_sigmas=imagenet).churn_sigmas == imagenet
+    ddim_request = check_request(trained_model, 1, sampler="ddim", churn_sigmas=imagenet)
+    assert ddim_request.churn_sigmas == trained_model.churn_sigmas
+    with pytest.raises(ValueError, match="S_tmin < S_tmax"):
+        check_request(trained_model, 1, sampler="ddim", churn_sigmas=(50, 0.05))
 
 
 def test_an_exports_steps_and_eta_are_the_default_only_for_its_own_sampler():
